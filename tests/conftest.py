@@ -1,0 +1,49 @@
+"""Shared test set-up. Without a GPU, Triton runs through its interpreter: the variable must be set before
+anything imports triton, which is why it lives here, at the top of the first file pytest loads."""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from kernels.backends import unavailable_reason  # noqa: E402
+
+FUSED_BACKENDS = ("triton", "ext")
+# (rtol, atol) against the float64 reference, by input dtype.
+TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
+
+
+def device_dtype_params():
+    """(device, dtype) pairs to test: float32 on CPU, and float32/16/bf16 on CUDA when there is one."""
+    params = [pytest.param("cpu", torch.float32, id="cpu-fp32")]
+    if torch.cuda.is_available():
+        params += [pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}")
+                   for dt in (torch.float32, torch.float16, torch.bfloat16)]
+    return params
+
+
+def require_backend(name, device):
+    reason = unavailable_reason(name)
+    if reason is not None:
+        pytest.skip(f"backend {name} unavailable: {reason}")
+    if name == "triton" and device == "cpu" and torch.cuda.is_available():
+        pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, which this CUDA run does not set")
+
+
+def assert_close(actual, expected, dtype, what):
+    """Compare a kernel result with the float64 reference; the message reports max abs and relative error.
+
+    atol is relative to the reference's largest magnitude, so sums over many rows (dW, dB) get a fair bound."""
+    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    rtol, atol = TOLERANCE[dtype]
+    actual, expected = actual.double(), expected.double()
+    atol *= max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
+    err = (actual - expected).abs()
+    worst = err.max().item() if err.numel() else 0.0
+    rel = (err / expected.abs().clamp_min(1e-6)).max().item() if err.numel() else 0.0
+    ok = torch.allclose(actual, expected, rtol=rtol, atol=atol)
+    assert ok, f"{what}: max abs err {worst:.3g}, max rel err {rel:.3g} (rtol {rtol}, atol {atol:.3g})"
