@@ -7,6 +7,8 @@ A backend is a pair of modules, one per op family, each exposing the same small 
     SUPPORTED_DTYPES = {"cpu": (...), "cuda": (...)}   # eager (kernels.reference) takes every float dtype
 
 Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
+Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
+from `reference.new_dropout_seed(device)`, as that call's first random draw, so a test can predict the mask.
 """
 
 import contextlib
