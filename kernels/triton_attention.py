@@ -1,0 +1,480 @@
+"""FlashAttention-2 in Triton: softmax(q k^T * scale) v without ever storing the T x T matrix.
+
+Forward: each program owns BLOCK_M queries of one (batch, head) and sweeps the keys BLOCK_N at a time, keeping
+a running row max and row sum (online softmax, fp32, base 2 with log2(e) folded into the scale). It writes the
+output and the log-sum-exp (in log2 units) that the backward needs to rebuild the probabilities.
+
+Backward (no atomics): delta = rowsum(dO * O) first, then one kernel where each program owns a key block and
+loops over query blocks to accumulate dK and dV, and one where each program owns a query block and loops over
+key blocks to accumulate dQ. Both recompute the scores from q and k.
+
+Masking: key blocks entirely in a query block's causal future are never visited (loop bounds); blocks crossing
+the diagonal or the sequence ends run a masked variant of the same loop body. The head dim is padded to a power
+of two >= 16 (BLOCK_D) with masked loads, so any D <= 256 works. Inputs are read through their strides, so the
+(B, T, H, D) -> (B, H, T, D) transpose views of nanoGPT are never copied.
+
+Dropout (spec in kernels.reference): the keep-mask of entry (b, h, i, j) is tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j)
+>= p, drawn from a seed tensor taken from torch's generator once per forward call and regenerated - never
+stored - in both backward kernels.
+"""
+
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels import reference
+from kernels.backends import triton_interpreted
+
+SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+LOG2_E = 1.4426950408889634
+
+
+def _configs(rows):
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in rows]
+
+
+# Autotune candidates per kernel (BLOCK_M = queries per tile, BLOCK_N = keys per tile); `configs_for` prunes them
+# by shape. The dK/dV kernel wants many keys per program (it owns them), the others many queries.
+FORWARD_CONFIGS = _configs([
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
+    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2),
+])
+DKDV_CONFIGS = _configs([
+    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+    (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+])
+DQ_CONFIGS = _configs([
+    (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
+    (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+])
+DELTA_BLOCK_M = 64
+# Under TRITON_INTERPRET=1 a single config each; uneven blocks so both masking schemes are exercised on CPU.
+INTERPRETER_CONFIGS = {
+    "forward": _configs([(64, 32, 4, 1)]),
+    "dkdv": _configs([(32, 64, 4, 1)]),
+    "dq": _configs([(64, 32, 4, 1)]),
+}
+CONFIGS = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
+# Rough budgets used for pruning; tests/test_triton_compile.py checks the real numbers for sm_80 and sm_90.
+MAX_FP32_ACCUMULATOR_PER_THREAD = 128
+MAX_SHARED_MEMORY_BYTES = 160 * 1024
+
+
+def head_dim_block(head_dim):
+    return max(16, triton.next_power_of_2(head_dim))
+
+
+def configs_for(kernel, seq_len, head_dim, element_size):
+    """The autotune candidates of `kernel` worth trying for this shape.
+
+    Drops tiles much longer than the sequence (all padding), tiles whose fp32 accumulators would not fit in
+    registers (dK and dV: two BLOCK_N x BLOCK_D tiles; forward and dQ: one BLOCK_M x BLOCK_D tile, plus the
+    BLOCK_M x BLOCK_N scores) and tiles whose pipelined K/V (or Q/dO) stages would overflow shared memory.
+    Never returns an empty list: the smallest config always survives."""
+    if triton_interpreted():
+        return INTERPRETER_CONFIGS[kernel]
+    block_d = head_dim_block(head_dim)
+    longest = max(32, triton.next_power_of_2(seq_len))
+    kept = []
+    for config in CONFIGS[kernel]:
+        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+        threads = 32 * config.num_warps
+        owned, swept = (n, m) if kernel == "dkdv" else (m, n)
+        accumulators = (2 if kernel == "dkdv" else 1) * owned * block_d + m * n
+        streamed = 2 * config.num_stages * swept * block_d * element_size
+        resident = 2 * owned * block_d * element_size
+        if (max(m, n) <= longest and accumulators / threads <= MAX_FP32_ACCUMULATOR_PER_THREAD
+                and streamed + resident <= MAX_SHARED_MEMORY_BYTES):
+            kept.append(config)
+    return kept or [CONFIGS[kernel][-1]]
+
+
+_autotuners = {}
+
+
+def _autotuned(kernel_name, kernel, seq_len, head_dim, element_size):
+    """One autotuner per (kernel, sequence-length bucket, head dim, dtype size): the pruned candidates differ
+    by shape, and bucketing by the next power of two keeps e.g. token-by-token sampling from re-tuning."""
+    bucket = triton.next_power_of_2(seq_len)
+    key = (kernel_name, bucket, head_dim, element_size)
+    if key not in _autotuners:
+        configs = configs_for(kernel_name, bucket, head_dim, element_size)
+        _autotuners[key] = triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"])(kernel)
+    return _autotuners[key]
+
+
+@triton.jit
+def _load_rows(base, rows, cols, stride_row, n_rows, MASK_ROWS: tl.constexpr, HEAD_DIM: tl.constexpr,
+               BLOCK_D: tl.constexpr):
+    """Tile [rows, cols] of a (n_rows, HEAD_DIM) matrix with unit column stride, zero outside it.
+
+    Row bounds are only checked when MASK_ROWS; the head-dim padding only when BLOCK_D > HEAD_DIM."""
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    if MASK_ROWS:
+        if BLOCK_D == HEAD_DIM:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None], other=0.0)
+        else:
+            return tl.load(ptrs, mask=(rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :], other=0.0)
+    else:
+        if BLOCK_D == HEAD_DIM:
+            return tl.load(ptrs)
+        else:
+            return tl.load(ptrs, mask=(cols < HEAD_DIM)[None, :], other=0.0)
+
+
+@triton.jit
+def _store_rows(base, tile, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constexpr):
+    ptrs = base + rows[:, None] * stride_row + cols[None, :]
+    tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows < n_rows)[:, None] & (cols < HEAD_DIM)[None, :])
+
+
+@triton.jit
+def _matmul(a, b, acc):
+    """a @ b (+ acc) on tensor cores; float32 inputs stay exact fp32 (no TF32) to match torch's float32 math."""
+    if a.dtype == tl.float32:
+        return tl.dot(a, b, acc, input_precision="ieee")
+    else:
+        return tl.dot(a, b, acc)
+
+
+@triton.jit
+def _dropout_keep(seed, rng_base, query_index, key_index, T_K, dropout_p):
+    """Keep-mask of the dropout spec: tl.rand(seed, rng_base + i * Tk + j) >= p, in int64 offsets."""
+    offsets = rng_base + query_index.to(tl.int64) * T_K + key_index
+    return tl.rand(seed, offsets) >= dropout_p
+
+
+@triton.jit
+def _visible(query_index, key_index, swept_index, swept_len, IS_CAUSAL: tl.constexpr):
+    """Inside the swept sequence and, when causal, not in the future (key j visible to query i iff j <= i).
+
+    Only the swept side needs a bound: rows past the end of the owned side are computed but never stored."""
+    visible = swept_index < swept_len
+    if IS_CAUSAL:
+        visible = visible & (key_index <= query_index)
+    return visible
+
+
+@triton.jit
+def _forward_sweep(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d,
+                   key_lo, key_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Online softmax over key blocks [key_lo, key_hi): rescale what has been accumulated whenever the row max
+    # grows. Dropout zeroes probabilities after they enter the row sum, so the normalizer is the undropped one.
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_head, offs_n, offs_d, stride_kn, T_K, MASKED, HEAD_DIM, BLOCK_D)
+        scores = _matmul(q, tl.trans(k), None) * qk_scale
+        if MASKED:
+            visible = _visible(offs_m[:, None], offs_n[None, :], offs_n[None, :], T_K, IS_CAUSAL)
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = acc * correction[:, None]
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+            p = tl.where(keep, p * dropout_scale, 0.0)
+        v = _load_rows(V_head, offs_n, offs_d, stride_vn, T_K, MASKED, HEAD_DIM, BLOCK_D)
+        acc = _matmul(p.to(v.dtype), v, acc)
+        row_max = new_max
+    return acc, row_max, row_sum
+
+
+@triton.jit
+def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
+                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
+                       H, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+                       IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (query blocks, B*H). Key blocks below the diagonal and inside T_K run unmasked; the (at most a
+    # couple of) blocks on the diagonal or at the T_K tail run masked; blocks in the future are never visited.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, T_Q, True, HEAD_DIM, BLOCK_D)
+    K_head = K + b * stride_kb + h * stride_kh
+    V_head = V + b * stride_vb + h * stride_vh
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    rng_base = bh.to(tl.int64) * T_Q * T_K
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if IS_CAUSAL:
+        key_hi = tl.minimum(T_K, start_m + BLOCK_M)
+        unmasked_hi = tl.minimum(start_m, T_K) // BLOCK_N * BLOCK_N
+    else:
+        key_hi = T_K
+        unmasked_hi = T_K // BLOCK_N * BLOCK_N
+    acc, row_max, row_sum = _forward_sweep(
+        acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked_hi,
+        T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+        IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_N)
+    acc, row_max, row_sum = _forward_sweep(
+        acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, unmasked_hi, key_hi,
+        T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+        IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+
+    # Key 0 is visible to every query, so row_sum > 0 and row_max is finite for every row.
+    _store_rows(Out + b * stride_ob + h * stride_oh, acc / row_sum[:, None], offs_m, offs_d, stride_om, T_Q,
+                HEAD_DIM)
+    tl.store(LSE + bh * T_Q + offs_m, row_max + tl.log2(row_sum), mask=offs_m < T_Q)
+
+
+@triton.jit
+def _attention_backward_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
+                              stride_dom, H, T_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                              BLOCK_M: tl.constexpr):
+    # delta_i = sum_d dO[i, d] * O[i, d] = sum_j P_ij dP_ij: the softmax-backward row term, one row per query.
+    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_d = tl.arange(0, BLOCK_D)
+    o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, T_Q, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, T_Q, True, HEAD_DIM,
+                    BLOCK_D)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    tl.store(Delta + bh * T_Q + offs_m, delta, mask=offs_m < T_Q)
+
+
+@triton.jit
+def _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n, offs_d,
+                query_lo, query_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+    # Transposed tiles (keys x queries): P^T = exp2(k q^T * scale - lse), dV += (P*Z)^T dO,
+    # dP^T = Z * (v dO^T), dS^T = P^T * (dP^T - delta), dK += dS^T q, with Z = keep / (1 - p) under dropout.
+    for start_m in range(query_lo, query_hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q_head, offs_m, offs_d, stride_qm, T_Q, MASKED, HEAD_DIM, BLOCK_D)
+        do = _load_rows(dO_head, offs_m, offs_d, stride_dom, T_Q, MASKED, HEAD_DIM, BLOCK_D)
+        if MASKED:
+            lse = tl.load(LSE_head + offs_m, mask=offs_m < T_Q, other=0.0)
+            delta = tl.load(Delta_head + offs_m, mask=offs_m < T_Q, other=0.0)
+        else:
+            lse = tl.load(LSE_head + offs_m)
+            delta = tl.load(Delta_head + offs_m)
+        p_t = tl.exp2(_matmul(k, tl.trans(q), None) * qk_scale - lse[None, :])
+        if MASKED:
+            p_t = tl.where(_visible(offs_m[None, :], offs_n[:, None], offs_m[None, :], T_Q, IS_CAUSAL), p_t, 0.0)
+        dp_t = _matmul(v, tl.trans(do), None)
+        if HAS_DROPOUT:
+            keep_t = _dropout_keep(seed, rng_base, offs_m[None, :], offs_n[:, None], T_K, dropout_p)
+            dv = _matmul(tl.where(keep_t, p_t * dropout_scale, 0.0).to(do.dtype), do, dv)
+            dp_t = tl.where(keep_t, dp_t * dropout_scale, 0.0)
+        else:
+            dv = _matmul(p_t.to(do.dtype), do, dv)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = _matmul(ds_t.to(q.dtype), q, dk)
+    return dk, dv
+
+
+@triton.jit
+def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, seed_ptr,
+                             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                             stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
+                             H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
+                             IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (key blocks, B*H): k and v stay in registers while query blocks stream past. Causal: queries before
+    # the key block never see it (skipped); query blocks crossing the diagonal and the T_Q tail run masked.
+    start_n = tl.program_id(0) * BLOCK_N
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, T_K, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, T_K, True, HEAD_DIM, BLOCK_D)
+    Q_head = Q + b * stride_qb + h * stride_qh
+    dO_head = dOut + b * stride_dob + h * stride_doh
+    LSE_head = LSE + bh * T_Q
+    Delta_head = Delta + bh * T_Q
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    rng_base = bh.to(tl.int64) * T_Q * T_K
+
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        query_lo = start_n // BLOCK_M * BLOCK_M
+        diagonal_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, T_Q)
+    else:
+        query_lo = 0
+        diagonal_hi = 0
+    full_hi = T_Q // BLOCK_M * BLOCK_M
+    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
+                         offs_d, query_lo, diagonal_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p,
+                         dropout_scale, IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
+                         offs_d, diagonal_hi, full_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p,
+                         dropout_scale, IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_M)
+    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
+                         offs_d, tl.maximum(diagonal_hi, full_hi), T_Q, T_Q, T_K, qk_scale, seed, rng_base,
+                         dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+
+    _store_rows(dK + b * stride_dkb + h * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, T_K, HEAD_DIM)
+    _store_rows(dV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, T_K, HEAD_DIM)
+
+
+@triton.jit
+def _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, key_lo, key_hi,
+              T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
+              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+    # P = exp2(q k^T * scale - lse), dP = Z * (dO v^T), dS = P * (dP - delta), dQ += dS k.
+    for start_n in range(key_lo, key_hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k = _load_rows(K_head, offs_n, offs_d, stride_kn, T_K, MASKED, HEAD_DIM, BLOCK_D)
+        v = _load_rows(V_head, offs_n, offs_d, stride_vn, T_K, MASKED, HEAD_DIM, BLOCK_D)
+        p = tl.exp2(_matmul(q, tl.trans(k), None) * qk_scale - lse[:, None])
+        if MASKED:
+            p = tl.where(_visible(offs_m[:, None], offs_n[None, :], offs_n[None, :], T_K, IS_CAUSAL), p, 0.0)
+        dp = _matmul(do, tl.trans(v), None)
+        if HAS_DROPOUT:
+            keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
+            dp = tl.where(keep, dp * dropout_scale, 0.0)
+        ds = p * (dp - delta[:, None])
+        dq = _matmul(ds.to(k.dtype), k, dq)
+    return dq
+
+
+@triton.jit
+def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
+                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
+                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
+                           stride_dqb, stride_dqh, stride_dqm,
+                           H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
+                           IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid (query blocks, B*H): the forward's loop structure, with q, dO, lse and delta held in registers.
+    start_m = tl.program_id(0) * BLOCK_M
+    bh = tl.program_id(1)
+    b = (bh // H).to(tl.int64)
+    h = (bh % H).to(tl.int64)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_D)
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, T_Q, True, HEAD_DIM, BLOCK_D)
+    do = _load_rows(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, T_Q, True, HEAD_DIM,
+                    BLOCK_D)
+    lse = tl.load(LSE + bh * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
+    delta = tl.load(Delta + bh * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
+    K_head = K + b * stride_kb + h * stride_kh
+    V_head = V + b * stride_vb + h * stride_vh
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    rng_base = bh.to(tl.int64) * T_Q * T_K
+
+    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    if IS_CAUSAL:
+        key_hi = tl.minimum(T_K, start_m + BLOCK_M)
+        unmasked_hi = tl.minimum(start_m, T_K) // BLOCK_N * BLOCK_N
+    else:
+        key_hi = T_K
+        unmasked_hi = T_K // BLOCK_N * BLOCK_N
+    dq = _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked_hi,
+                   T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, unmasked_hi,
+                   key_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+    _store_rows(dQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, T_Q, HEAD_DIM)
+
+
+def _unit_last_stride(t):
+    """Kernels address the head dim with stride 1; anything else (rare) is copied once."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
+def _bht_strides(t):
+    return t.stride(0), t.stride(1), t.stride(2)
+
+
+def _dropout_args(dropout_p):
+    return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
+
+
+@torch.library.triton_op("chargpt_triton::attention_forward", mutates_args=())
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
+                      is_causal: bool, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out like q; lse (B, H, Tq) float32 in log2 units. `seed` is required when dropout_p > 0."""
+    q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
+    batch, heads, t_q, head_dim = q.shape
+    t_k = k.shape[2]
+    out = torch.empty_like(q)
+    lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
+    kernel = _autotuned("forward", _attention_forward, max(t_q, t_k), head_dim, q.element_size())
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    torch.library.wrap_triton(kernel)[grid](
+        q, k, v, out, lse, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
+        heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p),
+        IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
+    return out, lse
+
+
+@torch.library.triton_op("chargpt_triton::attention_backward", mutates_args=())
+def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                       out: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor], is_causal: bool,
+                       dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's out and lse; the dropout mask is regenerated from the same seed."""
+    grad_out, q, k, v, out = (_unit_last_stride(t) for t in (grad_out, q, k, v, out))
+    batch, heads, t_q, head_dim = q.shape
+    t_k = k.shape[2]
+    block_d = head_dim_block(head_dim)
+    delta = torch.empty_like(lse)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    torch.library.wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M), batch * heads)](
+        out, grad_out, delta, *_bht_strides(out), *_bht_strides(grad_out), heads, t_q,
+        HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
+
+    common = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    scalars = (heads, t_q, t_k, scale * LOG2_E, scale, *_dropout_args(dropout_p))
+    inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out))
+    dkdv = _autotuned("dkdv", _attention_backward_dkdv, max(t_q, t_k), head_dim, q.element_size())
+    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), batch * heads)  # noqa: E731
+    torch.library.wrap_triton(dkdv)[grid](
+        q, k, v, grad_out, lse, delta, dk, dv, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv), *scalars,
+        **common)
+    dq_kernel = _autotuned("dq", _attention_backward_dq, max(t_q, t_k), head_dim, q.element_size())
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    torch.library.wrap_triton(dq_kernel)[grid](
+        q, k, v, grad_out, lse, delta, dq, seed, *inputs, *_bht_strides(dq), *scalars, **common)
+    return dq, dk, dv
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, seed, is_causal, dropout_p, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse, seed = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, seed, ctx.is_causal, ctx.dropout_p, ctx.scale)
+    return dq, dk, dv, None, None, None, None
+
+
+attention_forward.register_autograd(_backward, setup_context=_setup_context)
+
+
+def attention(q, k, v, is_causal, dropout_p, scale):
+    """Backend entry point (see kernels.backends): q (B, H, Tq, D), k and v (B, H, Tk, D), already validated."""
+    seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
+    return attention_forward(q, k, v, seed, bool(is_causal), float(dropout_p), float(scale))[0]
