@@ -1,0 +1,257 @@
+"""The models: a bigram baseline and one GPT family whose switches (residual, layernorm, mlp) span the seed's ladder.
+
+The GPT is nanoGPT's: pre-LN blocks, learned positions, weight tying, GPT-2 init, optional biases. Its two hot
+ops go through the `kernels` seam: attention via `kernels.causal_attention` (or `kernels.scaled_dot_product_attention`
+when decoding one token against a KV cache) and LayerNorm via `kernels.LayerNorm`, on the backend named by
+`ModelConfig.kernels`. This is the only chargpt file that imports `kernels`.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import kernels
+from chargpt import ChargptError
+from kernels.backends import triton_interpreted, unavailable_reason
+
+KERNEL_CHOICES = ("eager", "triton", "ext", "auto")
+
+
+@dataclass
+class ModelConfig:
+    arch: str = "gpt"  # "gpt" or "bigram"
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.0
+    bias: bool = False  # biases in Linear and LayerNorm layers
+    mlp: bool = True  # a feed-forward sublayer in each block
+    residual: bool = True  # sublayers add to the residual stream instead of replacing it
+    layernorm: bool = True  # pre-LN before each sublayer and before the head
+    kernels: str = "eager"  # eager | triton | ext | auto
+
+
+def choose_kernels(requested, device_type, require_fused=False):
+    """The backend to record for a run: `requested` itself, or what `auto` picks for `device_type`.
+
+    Raises ChargptError with the reason when the backend cannot run here, or when `require_fused` (--fused) and
+    auto would fall back to eager.
+    """
+    if requested not in KERNEL_CHOICES:
+        raise ChargptError(f"unknown kernels backend {requested!r}; choose one of {', '.join(KERNEL_CHOICES)}")
+    if requested != "auto":
+        reason = unavailable_reason(requested)
+        if reason is None and requested == "triton" and device_type == "cpu" and not triton_interpreted():
+            reason = "Triton runs on CUDA tensors (or on CPU only with TRITON_INTERPRET=1)"
+        if reason is not None:
+            raise ChargptError(f"kernels backend {requested!r} is unavailable on {device_type}: {reason}")
+        return requested
+    fused = ("triton", "ext") if device_type == "cuda" else ("ext",)
+    reasons = {name: unavailable_reason(name) for name in fused}
+    for name in fused:
+        if reasons[name] is None:
+            return name
+    if require_fused:
+        why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+        raise ChargptError(f"--fused: no fused kernel backend runs on {device_type} here ({why}); "
+                           f"use --kernels eager")
+    return "eager"
+
+
+class CausalSelfAttention(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
+        self.backend = config.kernels
+        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, past_kv=None):
+        """Attention over x (B, T, C); with `past_kv` (the cached keys and values), x is the next single token.
+
+        Returns the output and this layer's (k, v) for the cache.
+        """
+        B, T, C = x.shape
+        q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
+        q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
+        if past_kv is None:
+            dropout_p = self.dropout if self.training else 0.0
+            y = kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
+        else:
+            assert T == 1, "decoding with a KV cache takes one token at a time"
+            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            # Every cached key lies in the new token's past, so no causal mask: (Tq=1) x (Tk=cached+1).
+            # The backend comes from the kernels.use_backend block that GPT.generate opens.
+            y = kernels.scaled_dot_product_attention(q, k, v, is_causal=False)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)
+        return self.resid_dropout(self.c_proj(y)), (k, v)
+
+
+class MLP(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+def layer_norm(config):
+    if not config.layernorm:
+        return nn.Identity()
+    return kernels.LayerNorm(config.n_embd, bias=config.bias, backend=config.kernels)
+
+
+class Block(nn.Module):
+    """x -> x + attn(ln_1(x)) -> x + mlp(ln_2(x)); without `residual` each sublayer replaces x instead."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.residual = config.residual
+        self.ln_1 = layer_norm(config)
+        self.attn = CausalSelfAttention(config)
+        self.ln_2 = layer_norm(config) if config.mlp else None
+        self.mlp = MLP(config) if config.mlp else None
+
+    def forward(self, x, past_kv=None):
+        a, kv = self.attn(self.ln_1(x), past_kv)
+        x = x + a if self.residual else a
+        if self.mlp is not None:
+            m = self.mlp(self.ln_2(x))
+            x = x + m if self.residual else m
+        return x, kv
+
+
+def sample_next(logits, temperature=1.0, top_k=None, generator=None):
+    """One token id per row of `logits` (B, V): greedy at temperature 0, else sampled from the top-k softmax."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
+    logits = logits / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth_largest = torch.topk(logits, top_k).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth_largest, float("-inf"))
+    probs = F.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
+class GPT(nn.Module):
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wpe = nn.Embedding(config.block_size, config.n_embd)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = layer_norm(config)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds characters
+        self.apply(self._init_weights)
+        # GPT-2: scale the projections that write into the residual stream by depth, so its variance stays put.
+        for name, p in self.named_parameters():
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    def _init_weights(self, module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        """Logits (B, T, V) for idx (B, T), and the mean cross-entropy when `targets` are given."""
+        x, _ = self._trunk(idx)
+        logits = self.lm_head(x)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    def next_token_logits(self, idx, past_kv=None):
+        """Logits (B, V) for the token after idx, and the per-layer (k, v) cache now covering idx too.
+
+        Without `past_kv` this is a prefill of all of idx; with it, idx is the single next token.
+        """
+        x, present = self._trunk(idx, past_kv)
+        return self.lm_head(x[:, -1, :]), present
+
+    def _trunk(self, idx, past_kv=None):
+        B, T = idx.shape
+        start = 0 if past_kv is None else past_kv[0][0].size(2)
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
+        x = self.drop(self.wte(idx) + self.wpe(pos))
+        present = []
+        for i, block in enumerate(self.blocks):
+            x, kv = block(x, None if past_kv is None else past_kv[i])
+            present.append(kv)
+        return self.ln_f(x), present
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
+        """Extend idx (B, T) by `max_new_tokens` sampled characters.
+
+        The KV cache serves while the text fits in block_size. Past that the window slides, every absolute
+        position shifts and the cached keys no longer apply, so each step recomputes the last block_size tokens,
+        exactly as generation without a cache does.
+        """
+        block_size = self.config.block_size
+        past_kv = None
+        with kernels.use_backend(self.config.kernels):
+            for _ in range(max_new_tokens):
+                if past_kv is not None and idx.size(1) <= block_size:
+                    logits, past_kv = self.next_token_logits(idx[:, -1:], past_kv)
+                else:
+                    logits, past_kv = self.next_token_logits(idx[:, -block_size:])
+                if not use_cache:
+                    past_kv = None
+                idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+        return idx
+
+
+class BigramLanguageModel(nn.Module):
+    """Each character predicts the next from a table of logits: the ladder's first rung."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(self, idx, targets=None):
+        logits = self.logits_table(idx)
+        if targets is None:
+            return logits, None
+        return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+        for _ in range(max_new_tokens):
+            logits = self.logits_table(idx[:, -1])
+            idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
+        return idx
+
+
+def build_model(config):
+    if config.arch == "bigram":
+        return BigramLanguageModel(config)
+    if config.arch == "gpt":
+        return GPT(config)
+    raise ChargptError(f"unknown model arch {config.arch!r}; choose gpt or bigram")
