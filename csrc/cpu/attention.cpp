@@ -1,0 +1,286 @@
+// Causal / full attention on CPU (float32), flash style.
+//   forward : one task per (batch, head, 64-query tile); key tiles of 64 stream through an online softmax
+//             (running max m, running sum l, rescaled fp32 accumulator), key tiles past the diagonal are
+//             skipped, and log-sum-exp m + log(l) is saved for the backward.
+//   backward: one task per (batch, head): for each key tile, each visible query tile recomputes
+//             P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K, with
+//             delta = rowsum(dO * O). A head is owned by one task, so sums run in a fixed order and
+//             results do not depend on the thread count.
+// Tile products go to BLAS sgemm (torch's MKL) with its threading pinned to 1 inside each task; without a BLAS
+// they fall back to a plain loop nest. Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p
+// (philox.h), regenerated tile by tile in the backward, never stored.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "../checks.h"
+#include "simd.h"
+
+// Weak: present when torch links a BLAS (MKL on x86 wheels); null otherwise, and the fallback runs.
+extern "C" {
+void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
+            const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
+            const int* ldc) __attribute__((weak));
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C entry point (lower case is Fortran)
+}
+
+namespace chargpt {
+namespace {
+
+using simd::kWidth;
+using simd::vfloat;
+
+constexpr int64_t kTileQ = 64;
+constexpr int64_t kTileK = 64;  // a multiple of kWidth: score rows are padded to it
+
+// Column-major C (m x n) = alpha * op(A) op(B) + beta * C, the BLAS convention.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
+          const float* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (sgemm_ != nullptr) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    sgemm_(&ta, &tb, &mi, &ni, &ki, &alpha, a, &la, b, &lb, &beta, c, &lc);
+    return;
+  }
+  for (int64_t col = 0; col < n; ++col) {
+    float* cc = c + col * ldc;
+    for (int64_t row = 0; row < m; ++row) cc[row] = beta == 0.f ? 0.f : beta * cc[row];
+    for (int64_t p = 0; p < k; ++p) {
+      const float bv = alpha * (trans_b ? b[p * ldb + col] : b[col * ldb + p]);
+      if (trans_a) {
+        for (int64_t row = 0; row < m; ++row) cc[row] += a[row * lda + p] * bv;
+      } else {
+        const float* ac = a + p * lda;
+        for (int64_t row = 0; row < m; ++row) cc[row] += ac[row] * bv;
+      }
+    }
+  }
+}
+
+// Pins BLAS to one thread inside a task: tasks are the parallelism, and a BLAS call must not split (or reorder)
+// its sums differently when torch's thread count changes.
+struct SingleThreadedBlas {
+  int previous = 0;
+  SingleThreadedBlas() { previous = MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : 0; }
+  ~SingleThreadedBlas() {
+    if (MKL_Set_Num_Threads_Local) MKL_Set_Num_Threads_Local(previous);  // 0 restores the global setting
+  }
+};
+
+// A (B, H, T, D) float tensor whose rows (T) may be strided but whose D is contiguous; anything else is copied
+// once (O(T*D), small next to the O(T^2*D) attention itself).
+struct Matrices {
+  at::Tensor t;
+  const float* data;
+  int64_t sb, sh, st;
+  explicit Matrices(const at::Tensor& in) {
+    const bool usable = in.stride(3) == 1 && (in.size(2) == 1 || in.stride(2) >= in.size(3));
+    t = usable ? in : in.contiguous();
+    data = t.const_data_ptr<float>();
+    sb = t.stride(0);
+    sh = t.stride(1);
+    st = t.size(2) == 1 ? t.size(3) : t.stride(2);
+  }
+  const float* at_head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+};
+
+struct DropoutSpec {
+  bool on = false;
+  uint64_t seed = 0;
+  float p = 0.f, keep_scale = 1.f;
+};
+
+DropoutSpec dropout_spec(double dropout_p, const std::optional<at::Tensor>& seed) {
+  DropoutSpec d;
+  if (dropout_p > 0.0) {
+    d.on = true;
+    d.seed = static_cast<uint64_t>(seed->item<int64_t>());  // a CPU tensor: reading it costs no sync
+    d.p = static_cast<float>(dropout_p);
+    d.keep_scale = 1.f / (1.f - d.p);
+  }
+  return d;
+}
+
+// Number of keys of tile [j0, j0 + bk) that query i may see.
+inline int64_t visible_keys(bool causal, int64_t i, int64_t j0, int64_t bk) {
+  return causal ? std::clamp<int64_t>(i - j0 + 1, 0, bk) : bk;
+}
+
+// A score row (padded to kTileK) becomes exp(s - shift) over its first `visible` entries and exactly 0 after.
+inline void exp_row(float* s, int64_t visible, float shift) {
+  for (int64_t j = visible; j < kTileK; ++j) s[j] = -std::numeric_limits<float>::infinity();
+  for (int64_t j = 0; j < kTileK; j += kWidth) simd::store(s + j, simd::exp(simd::load(s + j) - shift));
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                     const at::Tensor& v_in, bool is_causal, double dropout_p,
+                                                     double scale_d, const std::optional<at::Tensor>& seed) {
+  check_attention_args("chargpt::attention_fwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_fwd on CPU supports float32, got ",
+              q_in.scalar_type());
+  const Matrices q(q_in), k(k_in), v(v_in);
+  const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
+  const float scale = static_cast<float>(scale_d);
+  const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  at::Tensor out = at::empty({B, H, Tq, D}, q_in.options());
+  at::Tensor lse = at::empty({B, H, Tq}, q_in.options().dtype(at::kFloat));
+  float* out_p = out.mutable_data_ptr<float>();
+  float* lse_p = lse.mutable_data_ptr<float>();
+  const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
+
+  at::parallel_for(0, B * H * q_tiles, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single;
+    std::vector<float> s(kTileQ * kTileK), z(kTileK), acc(kTileQ * D), m(kTileQ), l(kTileQ);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t bh = task / q_tiles, b = bh / H, h = bh % H;
+      const int64_t i0 = (task % q_tiles) * kTileQ, bq = std::min(kTileQ, Tq - i0);
+      const float* qp = q.at_head(b, h) + i0 * q.st;
+      const float* kp = k.at_head(b, h);
+      const float* vp = v.at_head(b, h);
+      std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
+      std::fill(l.begin(), l.end(), 0.f);
+      std::fill(acc.begin(), acc.end(), 0.f);
+      const int64_t key_end = is_causal ? std::min(Tk, i0 + bq) : Tk;  // causal: later key tiles are skipped
+      for (int64_t j0 = 0; j0 < key_end; j0 += kTileK) {
+        const int64_t bk = std::min(kTileK, key_end - j0);
+        // S (bq x bk, row-major, ld kTileK) = scale * Q K^T, i.e. column-major S^T = K Q^T.
+        gemm(true, false, bk, bq, D, scale, kp + j0 * k.st, k.st, qp, q.st, 0.f, s.data(), kTileK);
+        for (int64_t r = 0; r < bq; ++r) {
+          float* sr = s.data() + r * kTileK;
+          const int64_t visible = visible_keys(is_causal, i0 + r, j0, bk);
+          if (visible == 0) {  // this query sees none of the tile
+            std::fill(sr, sr + kTileK, 0.f);
+            continue;
+          }
+          float row_max = sr[0];
+          for (int64_t j = 1; j < visible; ++j) row_max = std::max(row_max, sr[j]);
+          const float m_new = std::max(m[r], row_max);
+          const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
+          exp_row(sr, visible, m_new);
+          vfloat sum = simd::splat(0.f);
+          for (int64_t j = 0; j < kTileK; j += kWidth) sum += simd::load(sr + j);
+          l[r] = l[r] * alpha + simd::reduce_add(sum);
+          m[r] = m_new;
+          if (alpha != 1.f) {
+            float* ar = acc.data() + r * D;
+            for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
+          }
+          if (drop.on) {  // the row sum above is taken before dropout, as softmax-then-dropout requires
+            const uint64_t base = static_cast<uint64_t>(((bh * Tq) + i0 + r) * Tk + j0);
+            simd::dropout_factors(z.data(), bk, drop.seed, base, drop.p, drop.keep_scale);
+            for (int64_t j = 0; j < kTileK; j += kWidth) simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
+          }
+        }
+        // acc (bq x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.
+        gemm(false, false, D, bq, bk, 1.f, vp + j0 * v.st, v.st, s.data(), kTileK, 1.f, acc.data(), D);
+      }
+      for (int64_t r = 0; r < bq; ++r) {
+        const float inv = 1.f / l[r];
+        const float* ar = acc.data() + r * D;
+        float* orow = out_p + (bh * Tq + i0 + r) * D;
+        for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
+        lse_p[bh * Tq + i0 + r] = m[r] + std::log(l[r]);
+      }
+    }
+  });
+  return {out, lse};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
+    const at::Tensor& out_in, const at::Tensor& lse_in, bool is_causal, double dropout_p, double scale_d,
+    const std::optional<at::Tensor>& seed) {
+  check_attention_args("chargpt::attention_bwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
+  check_attention_bwd_args(grad_out_in, q_in, out_in, lse_in);
+  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_bwd on CPU supports float32, got ",
+              q_in.scalar_type());
+  const Matrices q(q_in), k(k_in), v(v_in), dout(grad_out_in), o(out_in);
+  const at::Tensor lse = lse_in.contiguous();
+  const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
+  const float scale = static_cast<float>(scale_d);
+  const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  at::Tensor dq = at::zeros({B, H, Tq, D}, q_in.options());
+  at::Tensor dk = at::zeros({B, H, Tk, D}, q_in.options());
+  at::Tensor dv = at::zeros({B, H, Tk, D}, q_in.options());
+  const float* lse_p = lse.const_data_ptr<float>();
+  float* dq_p = dq.mutable_data_ptr<float>();
+  float* dk_p = dk.mutable_data_ptr<float>();
+  float* dv_p = dv.mutable_data_ptr<float>();
+  const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
+
+  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+    SingleThreadedBlas single;
+    std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(drop.on ? kTileQ * kTileK : 0), z(kTileK),
+        delta(Tq);
+    for (int64_t bh = begin; bh < end; ++bh) {
+      const int64_t b = bh / H, h = bh % H;
+      const float* qh = q.at_head(b, h);
+      const float* kh = k.at_head(b, h);
+      const float* vh = v.at_head(b, h);
+      const float* doh = dout.at_head(b, h);
+      const float* oh = o.at_head(b, h);
+      const float* lse_h = lse_p + bh * Tq;
+      float* dq_h = dq_p + bh * Tq * D;
+      for (int64_t i = 0; i < Tq; ++i) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
+        double sum = 0.0;
+        for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(doh[i * dout.st + d]) * oh[i * o.st + d];
+        delta[i] = static_cast<float>(sum);
+      }
+      for (int64_t j0 = 0; j0 < Tk; j0 += kTileK) {
+        const int64_t bk = std::min(kTileK, Tk - j0);
+        const float* kj = kh + j0 * k.st;
+        const float* vj = vh + j0 * v.st;
+        float* dk_j = dk_p + (bh * Tk + j0) * D;
+        float* dv_j = dv_p + (bh * Tk + j0) * D;
+        const int64_t first_q_tile = is_causal ? std::min(j0, Tq) / kTileQ : 0;  // earlier queries see none of it
+        for (int64_t qt = first_q_tile; qt < q_tiles; ++qt) {
+          const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
+          if (is_causal && i0 + bq - 1 < j0) continue;
+          const float* qi = qh + i0 * q.st;
+          const float* doi = doh + i0 * dout.st;
+          gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
+          gemm(true, false, bk, bq, D, 1.f, vj, v.st, doi, dout.st, 0.f, ds.data(), kTileK);   // dP = dO V^T
+          for (int64_t r = 0; r < bq; ++r) {
+            const int64_t i = i0 + r;
+            float* pr = p.data() + r * kTileK;
+            float* dsr = ds.data() + r * kTileK;
+            exp_row(pr, visible_keys(is_causal, i, j0, bk), lse_h[i]);  // P, 0 where masked
+            const vfloat dl = simd::splat(delta[i]);
+            if (drop.on) {
+              float* wr = w.data() + r * kTileK;
+              const uint64_t base = static_cast<uint64_t>((bh * Tq + i) * Tk + j0);
+              simd::dropout_factors(z.data(), bk, drop.seed, base, drop.p, drop.keep_scale);
+              for (int64_t j = 0; j < kTileK; j += kWidth) {
+                const vfloat pv = simd::load(pr + j), zv = simd::load(z.data() + j);
+                simd::store(wr + j, pv * zv);
+                simd::store(dsr + j, pv * (simd::load(dsr + j) * zv - dl));
+              }
+            } else {
+              for (int64_t j = 0; j < kTileK; j += kWidth)
+                simd::store(dsr + j, simd::load(pr + j) * (simd::load(dsr + j) - dl));
+            }
+          }
+          const float* wts = drop.on ? w.data() : p.data();
+          gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, 1.f, dv_j, D);          // dV += W^T dO
+          gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, 1.f, dk_j, D);       // dK += dS^T Q
+          gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, 1.f, dq_h + i0 * D, D);  // dQ += dS K
+        }
+      }
+    }
+  });
+  return {dq, dk, dv};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(chargpt, CPU, m) {
+  m.impl("attention_fwd", &attention_fwd_cpu);
+  m.impl("attention_bwd", &attention_bwd_cpu);
+}
+
+}  // namespace chargpt

@@ -1,0 +1,95 @@
+// 16-lane float vectors through GCC/Clang vector extensions: with -march=native they become AVX-512 (or pairs of
+// AVX2) registers without tying the code to one ISA's intrinsics. Reductions run lane by lane in a fixed order,
+// so results never depend on the thread count.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+
+#include "../philox.h"
+
+namespace chargpt::simd {
+
+constexpr int kWidth = 16;
+typedef float vfloat __attribute__((vector_size(64)));
+typedef int32_t vint __attribute__((vector_size(64)));
+typedef uint32_t vuint __attribute__((vector_size(64)));
+typedef uint64_t vulong __attribute__((vector_size(128)));
+
+inline vfloat load(const float* p) {
+  vfloat v;
+  std::memcpy(&v, p, sizeof v);  // unaligned load
+  return v;
+}
+inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+inline vfloat splat(float x) { return vfloat{} + x; }
+inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+
+inline float reduce_add(vfloat v) {
+  float s = 0.f;
+  for (int i = 0; i < kWidth; ++i) s += v[i];
+  return s;
+}
+inline float reduce_max(vfloat v) {
+  float m = v[0];
+  for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
+  return m;
+}
+
+// exp(x) to ~2 ulp (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n through the exponent bits);
+// exactly 0 below -87 so masked (-inf) scores vanish.
+inline vfloat exp(vfloat x) {
+  const vfloat xc = vmax(x, splat(-87.f)) < splat(88.f) ? vmax(x, splat(-87.f)) : splat(88.f);
+  const vfloat fx = xc * 1.44269504088896341f;
+  const vint n = __builtin_convertvector(fx + (fx >= 0.f ? splat(0.5f) : splat(-0.5f)), vint);
+  const vfloat nf = __builtin_convertvector(n, vfloat);
+  vfloat r = xc - nf * 0.693359375f;
+  r = r - nf * -2.12194440e-4f;
+  vfloat y = splat(1.9875691500e-4f);
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * r * r + r + 1.f;
+  const vint bits = (n + 127) << 23;
+  vfloat pow2;
+  std::memcpy(&pow2, &bits, sizeof pow2);
+  return x < -87.f ? splat(0.f) : y * pow2;
+}
+
+// philox_uniform (philox.h) for the 16 offsets base .. base + 15, all lanes at once.
+inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
+  const vulong lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
+  const vulong offset = lane + base;
+  vuint c0 = __builtin_convertvector(offset & 0xFFFFFFFFull, vuint);
+  vuint c1 = __builtin_convertvector(offset >> 32, vuint);
+  vuint c2 = vuint{}, c3 = vuint{};
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  for (int round = 0; round < 10; ++round) {
+    const vulong prod_b = __builtin_convertvector(c2, vulong) * static_cast<uint64_t>(kPhiloxRoundB);
+    const vulong prod_a = __builtin_convertvector(c0, vulong) * static_cast<uint64_t>(kPhiloxRoundA);
+    const vuint hi_b = __builtin_convertvector(prod_b >> 32, vuint), lo_b = __builtin_convertvector(prod_b, vuint);
+    const vuint hi_a = __builtin_convertvector(prod_a >> 32, vuint), lo_a = __builtin_convertvector(prod_a, vuint);
+    c0 = hi_b ^ c1 ^ k0;
+    c1 = lo_b;
+    c2 = hi_a ^ c3 ^ k1;
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  vint x = reinterpret_cast<vint&>(c0);
+  x = x < 0 ? ~x : x;
+  return __builtin_convertvector(x, vfloat) * kPhiloxUniformScale;
+}
+
+// z[j] = (philox_uniform(seed, base + j) >= p) ? keep_value : 0 for j < n; z must have room for n rounded up to 16.
+inline void dropout_factors(float* z, int64_t n, uint64_t seed, uint64_t base, float p, float keep_value) {
+  for (int64_t j = 0; j < n; j += kWidth) {
+    const vfloat u = philox_uniform16(seed, base + static_cast<uint64_t>(j));
+    store(z + j, u >= p ? splat(keep_value) : splat(0.f));
+  }
+}
+
+}  // namespace chargpt::simd
