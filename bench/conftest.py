@@ -1,5 +1,5 @@
-"""Shared benchmark machinery: a `timed` fixture that times one case, records its throughput, and its speed
-ratio to the torch baseline measured earlier in the same run (cases are ordered baseline first)."""
+"""Shared benchmark machinery: a `timed` fixture that times one case, records its throughput, and its speed-up
+over the baseline measured earlier in the same run (cases are ordered baseline first)."""
 
 import os
 
@@ -8,17 +8,18 @@ import torch
 
 from bench.common import DEVICE
 
-_baseline_seconds = {}  # case key -> median seconds of the torch baseline in this run
+_baseline_seconds = {}  # case key -> median seconds of the baseline in this run
 
 
 @pytest.fixture
 def timed(benchmark):
-    """timed(fn, key, backend, info, work) benchmarks fn (synchronising CUDA inside the timed call).
+    """timed(fn, key, backend, info, work, baseline) benchmarks fn (synchronising CUDA inside the timed call).
 
-    key names the case (op, mode, shape, dtype) so a backend can be compared with the torch baseline of the same
-    key; work is {"flop": n} or {"bytes": n} per call and becomes TFLOP/s or GB/s in extra_info."""
+    key names the case (op, mode, shape, dtype) so a backend can be compared with the baseline backend (torch's
+    own op unless told otherwise) of the same key; work is {"flop": n}, {"bytes": n} or {"tokens": n} per call and
+    becomes TFLOP/s, GB/s or tokens/s in extra_info."""
 
-    def run(fn, key, backend, info, work):
+    def run(fn, key, backend, info, work, baseline="torch"):
         def step():
             fn()
             if DEVICE == "cuda":
@@ -37,9 +38,12 @@ def timed(benchmark):
             benchmark.extra_info["tflops"] = round(work["flop"] / seconds / 1e12, 3)
         if "bytes" in work:
             benchmark.extra_info["gbps"] = round(work["bytes"] / seconds / 1e9, 2)
-        if backend == "torch":
+        if "tokens" in work:
+            benchmark.extra_info["tokens_per_sec"] = round(work["tokens"] / seconds)
+        benchmark.extra_info["baseline"] = baseline
+        if backend == baseline:
             _baseline_seconds[key] = seconds
         elif key in _baseline_seconds:
-            benchmark.extra_info["ratio_to_torch"] = round(_baseline_seconds[key] / seconds, 3)
+            benchmark.extra_info["speedup"] = round(_baseline_seconds[key] / seconds, 3)
 
     return run

@@ -3,7 +3,7 @@
     python -m bench.report RESULTS.json [--out DIR]
 
 Writes DIR/<stem>.md (one table per op and mode: median time, throughput, ratio to torch) and, when matplotlib
-is installed, DIR/<stem>-<op>.png (each backend's speed ratio to the torch baseline, by shape).
+is installed, DIR/<stem>-<op>.png (each backend's speed-up over its baseline, by shape).
 """
 
 import argparse
@@ -32,14 +32,15 @@ def markdown(rows, machine, device):
     for row in rows:
         by_table[(row["op"], row["mode"])].append(row)
     for (op, mode), table in sorted(by_table.items()):
-        throughput = "TFLOP/s" if op == "attention" else "GB/s"
+        throughput = {"attention": "TFLOP/s", "layer_norm": "GB/s"}.get(op, "tokens/s")
+        baseline = table[0].get("baseline", "torch")
         lines += [f"### {op} {mode}", "",
-                  f"| shape | dtype | backend | median ms | {throughput} | vs torch |",
+                  f"| shape | dtype | backend | median ms | {throughput} | speed-up vs {baseline} |",
                   "|---|---|---|---:|---:|---:|"]
         for row in table:
-            value = row.get("tflops", row.get("gbps", ""))
-            ratio = "1.00 (baseline)" if row["backend"] == "torch" else (
-                f"{row['ratio_to_torch']:.2f}x" if "ratio_to_torch" in row else "")
+            value = row.get("tflops", row.get("gbps", row.get("tokens_per_sec", "")))
+            ratio = "1.00 (baseline)" if row["backend"] == baseline else (
+                f"{row['speedup']:.2f}x" if "speedup" in row else "")
             lines.append(f"| {row['shape']} | {row['dtype']} | {row['backend']} | {row['median_ms']:.3f} | "
                          f"{value} | {ratio} |")
         lines.append("")
@@ -58,18 +59,19 @@ def plot(rows, out_dir, stem, device):
         modes = sorted({r["mode"] for r in rows if r["op"] == op})
         fig, axes = plt.subplots(1, len(modes), figsize=(7 * len(modes), 4.5), squeeze=False)
         for ax, mode in zip(axes[0], modes):
-            ours = [r for r in rows if r["op"] == op and r["mode"] == mode and "ratio_to_torch" in r]
+            ours = [r for r in rows if r["op"] == op and r["mode"] == mode and "speedup" in r]
             cases = sorted({(r["shape"], r["dtype"]) for r in ours}, key=str)
             backends = sorted({r["backend"] for r in ours})
             width = 0.8 / max(1, len(backends))
             for i, backend in enumerate(backends):
-                ratio = {(r["shape"], r["dtype"]): r["ratio_to_torch"] for r in ours if r["backend"] == backend}
+                ratio = {(r["shape"], r["dtype"]): r["speedup"] for r in ours if r["backend"] == backend}
                 ax.bar([c + i * width for c in range(len(cases))], [ratio.get(c, 0) for c in cases], width,
                        label=backend)
             ax.axhline(1.0, color="black", linewidth=0.8)
             ax.set_xticks([c + width * (len(backends) - 1) / 2 for c in range(len(cases))])
             ax.set_xticklabels([f"{s}\n{d}" for s, d in cases], fontsize=7)
-            ax.set_ylabel("speed vs torch (higher is better)")
+            baseline = ours[0]["baseline"] if ours else "baseline"
+            ax.set_ylabel(f"speed-up vs {baseline} (higher is better)")
             ax.set_title(f"{op} {mode} on {device}")
             ax.legend()
         fig.tight_layout()
