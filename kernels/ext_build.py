@@ -130,6 +130,8 @@ def _first_line(error):
 
 def unavailable_reason():
     """None when the extension is loaded (building it on first call if needed), else one sentence why not."""
+    if _state["done"]:  # lock-free once decided, which also keeps torch.compile tracing through this
+        return _state["reason"]
     with _lock:
         if not _state["done"]:
             _state["reason"] = _load()

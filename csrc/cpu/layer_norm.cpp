@@ -23,25 +23,32 @@ using simd::vfloat;
 
 constexpr int64_t kMinElementsPerTask = 16384;  // below this a thread hand-off costs more than it saves
 
-// Welford over one row: mean and M2 (sum of squared deviations).
+// Welford over one row: mean and M2 (sum of squared deviations). Four independent 16-lane accumulators hide the
+// latency of each update's dependency chain; the 64 equal-count lanes merge exactly (Chan et al.), and the last
+// n % 64 elements are folded in one by one.
 inline void row_moments(const float* x, int64_t n, float& mean_out, float& m2_out) {
-  const int64_t nv = n / kWidth * kWidth;
-  vfloat mean = simd::splat(0.f), m2 = simd::splat(0.f);
+  constexpr int64_t kBlock = 4 * kWidth;
+  const int64_t nb = n / kBlock * kBlock;
+  vfloat mean[4] = {}, m2[4] = {};
   int64_t count = 0;
-  for (int64_t j = 0; j < nv; j += kWidth) {
-    const vfloat xv = simd::load(x + j);
-    const vfloat delta = xv - mean;
-    mean += delta * (1.f / static_cast<float>(++count));
-    m2 += delta * (xv - mean);
+  for (int64_t j = 0; j < nb; j += kBlock) {
+    const float inv = 1.f / static_cast<float>(++count);
+    for (int a = 0; a < 4; ++a) {
+      const vfloat xv = simd::load(x + j + a * kWidth);
+      const vfloat delta = xv - mean[a];
+      mean[a] += delta * inv;
+      m2[a] += delta * (xv - mean[a]);
+    }
   }
   float mu = 0.f, sq = 0.f;
-  if (count > 0) {  // merge 16 equal-count lanes (Chan et al.)
-    mu = simd::reduce_add(mean) / kWidth;
-    const vfloat spread = mean - mu;
-    sq = simd::reduce_add(m2) + static_cast<float>(count) * simd::reduce_add(spread * spread);
+  if (count > 0) {
+    mu = simd::reduce_add((mean[0] + mean[1]) + (mean[2] + mean[3])) / kBlock;
+    vfloat spread2 = simd::splat(0.f);
+    for (int a = 0; a < 4; ++a) spread2 += (mean[a] - mu) * (mean[a] - mu);
+    sq = simd::reduce_add((m2[0] + m2[1]) + (m2[2] + m2[3])) + static_cast<float>(count) * simd::reduce_add(spread2);
   }
-  int64_t total = count * kWidth;
-  for (int64_t j = nv; j < n; ++j) {
+  int64_t total = count * kBlock;
+  for (int64_t j = nb; j < n; ++j) {
     const float delta = x[j] - mu;
     mu += delta / static_cast<float>(++total);
     sq += delta * (x[j] - mu);

@@ -26,15 +26,27 @@ inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
 inline vfloat splat(float x) { return vfloat{} + x; }
 inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 
+// Tree reductions (halves, then quarters, ...): a fixed order, and log2(16) dependent steps instead of 16.
+typedef float vfloat8 __attribute__((vector_size(32)));
+typedef float vfloat4 __attribute__((vector_size(16)));
+inline vfloat4 fold_to_4(vfloat v, bool take_max) {
+  vfloat8 lo8, hi8;
+  std::memcpy(&lo8, &v, sizeof lo8);
+  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  const vfloat8 v8 = take_max ? (lo8 > hi8 ? lo8 : hi8) : lo8 + hi8;
+  vfloat4 lo4, hi4;
+  std::memcpy(&lo4, &v8, sizeof lo4);
+  std::memcpy(&hi4, reinterpret_cast<const char*>(&v8) + sizeof lo4, sizeof hi4);
+  return take_max ? (lo4 > hi4 ? lo4 : hi4) : lo4 + hi4;
+}
 inline float reduce_add(vfloat v) {
-  float s = 0.f;
-  for (int i = 0; i < kWidth; ++i) s += v[i];
-  return s;
+  const vfloat4 v4 = fold_to_4(v, false);
+  return (v4[0] + v4[2]) + (v4[1] + v4[3]);
 }
 inline float reduce_max(vfloat v) {
-  float m = v[0];
-  for (int i = 1; i < kWidth; ++i) m = v[i] > m ? v[i] : m;
-  return m;
+  const vfloat4 v4 = fold_to_4(v, true);
+  const float a = v4[0] > v4[2] ? v4[0] : v4[2], b = v4[1] > v4[3] ? v4[1] : v4[3];
+  return a > b ? a : b;
 }
 
 // exp(x) to ~2 ulp (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n through the exponent bits);
