@@ -1,0 +1,40 @@
+#!/usr/bin/env bash
+# The GPU check: on a CUDA machine, from the checkout, installing nothing, run every test (the CUDA ones included),
+# every benchmark, and end-to-end training, and write the results into OUTDIR for bench/results/.
+#
+#   bash bench/gpu_check.sh OUTDIR [CORPUS]      # about 9 minutes on an H100
+#
+# CORPUS defaults to ../shared/data/tinyshakespeare/input.txt. E2E_ITERS (default 300) caps each compared
+# training run; FULL_RUN=1 adds the gpt preset's full 5000-iteration --fused run.
+set -uo pipefail
+out=${1:?usage: bash bench/gpu_check.sh OUTDIR [CORPUS]}
+cd "$(dirname "$0")/.."
+corpus=${2:-../shared/data/tinyshakespeare/input.txt}
+mkdir -p "$out"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+failed=()
+step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures, keep going
+  local name=$1; shift
+  echo "== $name: $*"
+  local start=$SECONDS
+  "$@" > "$out/$name.log" 2>&1 || failed+=("$name")
+  tail -n 3 "$out/$name.log"
+  echo "   ($((SECONDS - start)) s)"
+}
+
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu.csv" 2>&1
+step versions python3 -c "import torch, triton, kernels; print('torch', torch.__version__, 'triton', triton.__version__,
+ 'gpu', torch.cuda.get_device_name(), 'backends', kernels.available_backends())"
+step tests python3 -m pytest tests -q -ra --junitxml "$out/tests.xml"
+step bench python3 -m pytest bench --benchmark-only -q --benchmark-json "$out/bench.json"
+step report python3 -m bench.report "$out/bench.json" --out "$out"
+e2e_flags=(--out "$out/e2e" --preset gpt --iters "${E2E_ITERS:-300}")
+[ -f "$corpus" ] && e2e_flags+=(--data "$corpus")
+[ "${FULL_RUN:-0}" = 1 ] && e2e_flags+=(--full-fused)
+step e2e python3 -m bench.e2e "${e2e_flags[@]}"
+
+if [ ${#failed[@]} -gt 0 ]; then
+  echo "GPU check: FAILED steps: ${failed[*]} (logs in $out)"
+  exit 1
+fi
+echo "GPU check: all steps passed (results in $out)"
