@@ -2,6 +2,12 @@
 // (kernels/ext_*.py) adds fake (meta) implementations and autograd.
 #include <torch/library.h>
 
+#ifdef CHARGPT_BUILD_STAMP
+// setup.py builds: kernels/ext_build.py reads this string from the file (before loading it) to check that the
+// library was built for the running torch, and whether it holds the CUDA kernels.
+extern "C" __attribute__((used, visibility("default"))) const char chargpt_build_stamp[] = CHARGPT_BUILD_STAMP;
+#endif
+
 TORCH_LIBRARY(chargpt, m) {
   // y, mean, rstd over the last dim of a 2-D x (M, N); weight and bias are (N,) or None.
   m.def("layer_norm_fwd(Tensor x, Tensor? weight, Tensor? bias, float eps) -> (Tensor, Tensor, Tensor)");
