@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from kernels import backends
 
 MAX_HEAD_DIM = 256
-_LAYER_NORM, _ATTENTION = 0, 1
 _warned = set()
 
 
@@ -55,7 +54,7 @@ def causal_attention(q, k, v, dropout_p=0.0, scale=None, backend=None):
     if problem is not None:
         raise ValueError(f"causal_attention: {problem}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return backends.resolve(backend, _ATTENTION, q).attention(q, k, v, True, float(dropout_p), scale)
+    return backends.resolve(backend, backends.ATTENTION, q).attention(q, k, v, True, float(dropout_p), scale)
 
 
 def _fall_back(reason):
@@ -91,7 +90,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
         _fall_back(problem)
         return torch_sdpa()
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    module = backends.resolve(None, _ATTENTION, query)
+    module = backends.resolve(None, backends.ATTENTION, query)
     return module.attention(query, key, value, bool(is_causal), float(dropout_p), scale)
 
 
@@ -113,7 +112,7 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, backen
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"layer_norm: eps must be a positive number, got {eps!r}")
     n = math.prod(normalized_shape)
-    module = backends.resolve(backend, _LAYER_NORM, input)
+    module = backends.resolve(backend, backends.LAYER_NORM, input)
     flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
     y = module.layer_norm(input.reshape(-1, n), flat(weight), flat(bias), float(eps))
     return y.view(input.shape)

@@ -77,35 +77,60 @@ def current_backend():
     return _current.get()
 
 
-def _supports(name, op, tensor):
+LAYER_NORM, ATTENTION = 0, 1  # index of an op family in _MODULES
+
+
+class _LazyModule:
+    """A backend module, imported on first use by `select`. torch.compile cannot trace an import, but it can read
+    `.module` of this (never replaced) object once `select` has run outside the trace."""
+
+    def __init__(self, path):
+        self.path, self.module = path, None
+
+    def load(self):
+        if self.module is None:
+            self.module = importlib.import_module(self.path)
+        return self.module
+
+
+_IMPLS = {(name, op): _LazyModule(path) for name, paths in _MODULES.items() for op, path in enumerate(paths)}
+
+
+def _supports(name, op, device_type, dtype):
     if name == "eager":
         return True
-    module = importlib.import_module(_MODULES[name][op])
-    return tensor.dtype in module.SUPPORTED_DTYPES.get(tensor.device.type, ())
+    return dtype in _IMPLS[name, op].load().SUPPORTED_DTYPES.get(device_type, ())
 
 
-def resolve(name, op, tensor):
-    """The module implementing `op` (0: layer_norm, 1: attention) for `tensor` on backend `name`.
+@torch.compiler.assume_constant_result
+def select(name, op, device_type, dtype):
+    """The backend that runs `op` (LAYER_NORM or ATTENTION) on `dtype` tensors of `device_type` when `name`
+    (eager, triton, ext, auto or None for the current one) is asked for; raises when that cannot work.
 
     `auto` prefers triton for CUDA tensors and ext for CPU tensors, falling back to eager for anything the
     fused backends cannot take (another device, float64, ...). A backend named explicitly either runs or raises.
+    torch.compile runs this once while tracing and keeps the answer, so a compiled graph keeps its backend.
     """
     name = name or _current.get()
+    if name not in CHOICES:
+        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
     if name == "auto":
-        preferred = ("triton", "ext") if tensor.device.type == "cuda" else ("ext",)
-        for candidate in preferred:
-            if unavailable_reason(candidate) is None and _supports(candidate, op, tensor):
-                name = candidate
-                break
-        else:
-            name = "eager"
+        preferred = ("triton", "ext") if device_type == "cuda" else ("ext",)
+        name = next((candidate for candidate in preferred if unavailable_reason(candidate) is None
+                     and _supports(candidate, op, device_type, dtype)), "eager")
     reason = unavailable_reason(name)
     if reason is not None:
         raise BackendUnavailable(f"kernels backend {name!r} is unavailable: {reason}")
-    if name == "triton" and tensor.device.type == "cpu" and not triton_interpreted():
+    if name == "triton" and device_type == "cpu" and not triton_interpreted():
         raise BackendUnavailable(
             "kernels backend 'triton' got a CPU tensor: Triton runs on CUDA tensors, or on CPU only with "
             "TRITON_INTERPRET=1 set before triton is imported")
-    if not _supports(name, op, tensor):
-        raise TypeError(f"kernels backend {name!r} does not support {tensor.dtype} tensors on {tensor.device.type}")
-    return importlib.import_module(_MODULES[name][op])
+    if not _supports(name, op, device_type, dtype):
+        raise TypeError(f"kernels backend {name!r} does not support {dtype} tensors on {device_type}")
+    _IMPLS[name, op].load()
+    return name
+
+
+def resolve(name, op, tensor):
+    """The module implementing `op` for `tensor` on backend `name` (see `select`)."""
+    return _IMPLS[select(name, op, tensor.device.type, tensor.dtype), op].module
