@@ -58,7 +58,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
   __shared__ float k_s[C::kBk][C::kDmax + 1];  // +1: lane j reads row j, so rows must fall in different banks
   __shared__ float v_s[C::kBk][C::kDmax];
   const int64_t bh = blockIdx.x;
-  const int64_t b = bh / heads, h = bh % heads;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * C::kBq;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const T* qh = q + b * sq.b + h * sq.h;
@@ -111,7 +111,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
       if (visible) pj *= dropout_factor(drop, seed, (bh * tq + i) * tk + j);
 #pragma unroll
       for (int c = 0; c < kDpl; ++c) acc[r][c] *= alpha;
-#pragma unroll 4
+#pragma unroll
       for (int jj = 0; jj < C::kBk; ++jj) {
         const float pb = __shfl_sync(kFullMask, pj, jj);
 #pragma unroll
@@ -123,7 +123,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
   for (int r = 0; r < C::kRows; ++r) {
     const int64_t i = i0 + warp * C::kRows + r;
     if (i >= tq) continue;
-    const float inv = 1.f / l[r];
+    const float inv = __fdividef(1.f, l[r]);  // l >= 1; avoids the IEEE division's out-of-line slow path
     T* orow = out + (bh * tq + i) * d;
 #pragma unroll
     for (int c = 0; c < kDpl; ++c) {
@@ -167,7 +167,8 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
     HeadStrides sq, HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d,
     float scale, bool causal, DropoutArgs drop) {
-  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads;
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
   const int lane = threadIdx.x % 32;
   const int64_t j_first = (static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32) * kItemsPerWarp;
   if (j_first >= tk) return;
@@ -235,7 +236,8 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, HeadStrides sq,
     HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d, float scale,
     bool causal, DropoutArgs drop) {
-  const int64_t bh = blockIdx.x, b = bh / heads, h = bh % heads;
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
   const int lane = threadIdx.x % 32;
   const int64_t i_first = (static_cast<int64_t>(blockIdx.y) * kWarps + threadIdx.x / 32) * kItemsPerWarp;
   if (i_first >= tq) return;

@@ -88,7 +88,7 @@ template <typename T, int kVec>
 __global__ void __launch_bounds__(32 * kRowsPerBlock) layer_norm_dx_kernel(
     const T* __restrict__ g, int64_t g_row_stride, const T* __restrict__ x, int64_t x_row_stride,
     const T* __restrict__ w, const float* __restrict__ mean, const float* __restrict__ rstd, T* __restrict__ dx,
-    int64_t m, int64_t n) {
+    int64_t m, int64_t n, float inv_n) {  // inv_n from the host: a device division is an out-of-line call
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kRowsPerBlock + threadIdx.y;
   if (row >= m) return;
   const int lane = threadIdx.x;
@@ -106,19 +106,20 @@ __global__ void __launch_bounds__(32 * kRowsPerBlock) layer_norm_dx_kernel(
       sum_gwx += gw * (to_float(px.v[e]) - mu) * rs;
     }
   }
-  const float inv_n = 1.f / static_cast<float>(n);
   const float c1 = warp_sum(sum_gw) * inv_n, c2 = warp_sum(sum_gwx) * inv_n;
   T* dxr = dx + row * n;
   for (int64_t j = static_cast<int64_t>(lane) * kVec; j < n; j += 32 * kVec) {
     const Pack<T, kVec> px = *reinterpret_cast<const Pack<T, kVec>*>(xr + j);
     const Pack<T, kVec> pg = *reinterpret_cast<const Pack<T, kVec>*>(gr + j);
-    Pack<T, kVec> out;
+    float res[kVec];
 #pragma unroll
     for (int e = 0; e < kVec; ++e) {
       const float gw = to_float(pg.v[e]) * (w != nullptr ? to_float(w[j + e]) : 1.f);
-      const float xhat = (to_float(px.v[e]) - mu) * rs;
-      out.v[e] = from_float<T>((gw - c1 - xhat * c2) * rs);
+      res[e] = (gw - c1 - (to_float(px.v[e]) - mu) * rs * c2) * rs;
     }
+    Pack<T, kVec> out;
+#pragma unroll
+    for (int e = 0; e < kVec; ++e) out.v[e] = from_float<T>(res[e]);
     *reinterpret_cast<Pack<T, kVec>*>(dxr + j) = out;
   }
 }
@@ -243,10 +244,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
     const dim3 block(32, kRowsPerBlock), grid(static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock));
     if (can_vectorize<T>(xp, x.stride(0), n) && can_vectorize<T>(gp, g.stride(0), n)) {
       layer_norm_dx_kernel<T, 16 / sizeof(T)><<<grid, block, 0, stream>>>(
-          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n);
+          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
     } else {
       layer_norm_dx_kernel<T, 1><<<grid, block, 0, stream>>>(
-          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n);
+          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
     }
     C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 pgrid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(chunks)), pblock(32, 8);
