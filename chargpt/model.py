@@ -33,6 +33,7 @@ class ModelConfig:
     mlp: bool = True  # a feed-forward sublayer in each block
     residual: bool = True  # sublayers add to the residual stream instead of replacing it
     layernorm: bool = True  # pre-LN before each sublayer and before the head
+    init_std: float = 0.02  # normal init of weights and embeddings (GPT-2's 0.02 suits wide residual nets)
     kernels: str = "eager"  # eager | triton | ext | auto
 
 
@@ -158,14 +159,16 @@ class GPT(nn.Module):
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds characters
         self.apply(self._init_weights)
-        # GPT-2: scale the projections that write into the residual stream by depth, so its variance stays put.
-        for name, p in self.named_parameters():
-            if name.endswith("c_proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+        if config.residual:
+            # GPT-2: the projections that write into the residual stream shrink with depth, so that the sum of
+            # 2 * n_layer of them keeps the stream's variance in check.
+            for name, p in self.named_parameters():
+                if name.endswith("c_proj.weight"):
+                    nn.init.normal_(p, mean=0.0, std=config.init_std / math.sqrt(2 * config.n_layer))
 
     def _init_weights(self, module):
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            nn.init.normal_(module.weight, mean=0.0, std=self.config.init_std)
         if isinstance(module, nn.Linear) and module.bias is not None:
             nn.init.zeros_(module.bias)
 
@@ -230,7 +233,7 @@ class BigramLanguageModel(nn.Module):
         super().__init__()
         self.config = config
         self.logits_table = nn.Embedding(config.vocab_size, config.vocab_size)
-        nn.init.normal_(self.logits_table.weight, mean=0.0, std=0.02)
+        nn.init.normal_(self.logits_table.weight, mean=0.0, std=config.init_std)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

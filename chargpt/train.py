@@ -28,6 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from chargpt import ChargptError
 from chargpt.checkpoint import BEST, LAST, load_checkpoint, save_checkpoint
+from chargpt.cli import OneLineParser, resolve_device, run
 from chargpt.data import CharTokenizer, Dataset, batch_seed, load_text
 from chargpt.model import KERNEL_CHOICES, ModelConfig, build_model, choose_kernels
 from chargpt.presets import PRESETS, TrainConfig, get_preset
@@ -36,13 +37,6 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 TRAIN, VAL = 0, 1  # split ids mixed into batch seeds
 # Architecture fields come from the preset (or the checkpoint) and the data, not from flags.
 FIXED_MODEL_FIELDS = ("arch", "vocab_size", "kernels")
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse whose errors are a single line on stderr."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
 
 
 def build_parser():
@@ -226,20 +220,6 @@ def plot_losses(metrics_path, png_path):
     return True
 
 
-def resolve_device(name):
-    if name is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise ChargptError(f"unknown device {name!r}; use cpu or cuda") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ChargptError("--device cuda: no CUDA GPU is available here")
-    if device.type not in ("cpu", "cuda"):
-        raise ChargptError(f"unsupported device {name!r}; use cpu or cuda")
-    return device
-
-
 def resolve_dtype(name, device):
     if name == "auto":
         if device.type != "cuda":
@@ -408,7 +388,7 @@ def train(args):
         scaler.step(optimizer)
         scaler.update()
         optimizer.zero_grad(set_to_none=True)
-        logging_step = iter_num % train_cfg.log_interval == 0 or iter_num == train_cfg.max_iters - 1
+        logging_step = iter_num % train_cfg.log_interval == 0
         if logging_step:
             loss_value = loss.item()  # the only host sync of an ordinary step
         if device.type == "cuda" and logging_step:
@@ -456,10 +436,7 @@ def train(args):
 def main(argv=None):
     args = build_parser().parse_args(argv)
     try:
-        return train(args)
-    except ChargptError as e:
-        print(f"chargpt.train: error: {e}", file=sys.stderr)
-        return 1
+        return run(train, args, "chargpt.train")
     except KeyboardInterrupt:
         print("chargpt.train: interrupted; nothing saved since the last checkpoint", file=sys.stderr)
         return 130

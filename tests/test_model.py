@@ -1,0 +1,136 @@
+"""chargpt.model: the ladder presets, the gpt parameter count, initial loss, learning, the KV cache, and
+checkpoints that do not depend on the kernels backend."""
+
+import math
+from dataclasses import replace
+
+import pytest
+import torch
+
+import kernels
+from chargpt import ChargptError, model as model_module
+from chargpt.model import GPT, ModelConfig, build_model, choose_kernels
+from chargpt.presets import PRESETS, get_preset
+
+BACKENDS = kernels.available_backends()  # eager always; ext and triton (interpreted on CPU) when they load
+# Generation launches hundreds of tiny kernels: too slow for the Triton interpreter, fine everywhere else.
+FAST_BACKENDS = [b for b in BACKENDS if not (b == "triton" and not torch.cuda.is_available())]
+TINY = ModelConfig(vocab_size=65, block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
+def random_batch(config, batch=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
+    return x, torch.randint(config.vocab_size, (batch, config.block_size), generator=g)
+
+
+def test_gpt_parameter_count():
+    n = GPT(replace(get_preset("gpt").model, vocab_size=65)).num_params()
+    assert 10.6e6 < n < 10.8e6, n  # nanoGPT's shakespeare-char model: 10.65M without the position table
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_every_preset_builds_and_runs(name):
+    preset = get_preset(name)
+    config = replace(preset.model, vocab_size=65, block_size=min(preset.model.block_size, 32))
+    model = build_model(config)
+    x, y = random_batch(config, batch=2)
+    logits, loss = model(x, y)
+    assert logits.shape == (2, config.block_size, 65) and torch.isfinite(loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_initial_loss_is_near_uniform(backend):
+    config = replace(get_preset("gpt-cpu").model, vocab_size=65, block_size=16, kernels=backend)
+    torch.manual_seed(0)
+    model = build_model(config)
+    with torch.no_grad():
+        _, loss = model(*random_batch(config, batch=2))
+    assert abs(loss.item() - math.log(65)) < 0.1, loss.item()
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models train fastest on one thread; two OpenMP threads on a busy 2-core machine crawl."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_overfits_one_batch(one_thread):
+    torch.manual_seed(0)
+    model = build_model(TINY)
+    x, y = random_batch(TINY, batch=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    for _ in range(150):
+        _, loss = model(x, y)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    assert loss.item() < 0.2, loss.item()
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_kv_cache_generates_the_same_tokens(one_thread, backend):
+    config = replace(TINY, block_size=12, kernels=backend)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    prompt = torch.randint(65, (2, 3))
+    # 20 new tokens run past block_size, so the sliding-window path is covered too.
+    for temperature in (0.0, 1.0):
+        cached, recomputed = (model.generate(prompt, 20, temperature, generator=torch.Generator().manual_seed(1),
+                                             use_cache=use_cache) for use_cache in (True, False))
+        assert torch.equal(cached, recomputed)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_cached_decoding_matches_full_logits(backend):
+    config = replace(TINY, kernels=backend)
+    torch.manual_seed(0)
+    model = build_model(config).eval()
+    idx = torch.randint(65, (2, 10))
+    with torch.no_grad(), kernels.use_backend(backend):
+        full, _ = model(idx)
+        logits, past = model.next_token_logits(idx[:, :6])
+        steps = [logits]
+        for t in range(6, 10):
+            logits, past = model.next_token_logits(idx[:, t:t + 1], past)
+            steps.append(logits)
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:10], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_weights_load_under_any_backend(backend):
+    torch.manual_seed(0)
+    eager = build_model(replace(TINY, kernels="eager"))
+    other = build_model(replace(TINY, kernels=backend))
+    assert list(eager.state_dict()) == list(other.state_dict())
+    other.load_state_dict(eager.state_dict())
+    x, y = random_batch(TINY)
+    with torch.no_grad():
+        torch.testing.assert_close(other(x, y)[1], eager(x, y)[1], rtol=1e-5, atol=1e-5)
+
+
+def test_bigram_generates_in_vocab():
+    model = build_model(replace(get_preset("bigram").model, vocab_size=65))
+    out = model.generate(torch.zeros((1, 1), dtype=torch.long), 30, top_k=5,
+                         generator=torch.Generator().manual_seed(0))
+    assert out.shape == (1, 31) and int(out.max()) < 65
+
+
+def test_choose_kernels():
+    assert choose_kernels("eager", "cpu") == "eager"
+    assert choose_kernels("auto", "cpu") in ("ext", "eager")
+    with pytest.raises(ChargptError, match="unknown kernels backend"):
+        choose_kernels("fast", "cpu")
+
+
+def test_fused_stops_when_no_fused_backend(monkeypatch):
+    monkeypatch.setattr(model_module, "unavailable_reason",
+                        lambda name: None if name == "eager" else f"{name} is not built")
+    assert choose_kernels("auto", "cpu") == "eager"
+    with pytest.raises(ChargptError, match="--fused: no fused kernel backend runs on cpu here .*ext is not built"):
+        choose_kernels("auto", "cpu", require_fused=True)
+    with pytest.raises(ChargptError, match="'ext' is unavailable on cpu: ext is not built"):
+        choose_kernels("ext", "cpu")
