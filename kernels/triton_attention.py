@@ -38,17 +38,24 @@ def _configs(rows):
 # Autotune candidates per kernel (BLOCK_M = queries per tile, BLOCK_N = keys per tile); `configs_for` prunes them
 # by shape. The dK/dV kernel wants many keys per program (it owns them), the others many queries.
 FORWARD_CONFIGS = _configs([
-    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4),
-    (64, 64, 4, 3), (64, 64, 4, 4), (64, 32, 4, 2), (32, 32, 4, 2),
+    (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4), (128, 32, 8, 3),
+    (64, 64, 4, 3), (64, 64, 8, 3), (64, 32, 4, 2), (64, 32, 8, 2), (32, 32, 4, 2),
 ])
 DKDV_CONFIGS = _configs([
-    (32, 128, 4, 3), (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
-    (32, 64, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+    (32, 128, 8, 3), (64, 128, 8, 2), (64, 128, 8, 3),
+    (32, 64, 4, 3), (32, 64, 8, 3), (64, 64, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2),
 ])
 DQ_CONFIGS = _configs([
     (128, 32, 4, 3), (128, 32, 8, 3), (128, 64, 8, 2), (128, 64, 8, 3),
-    (64, 32, 4, 3), (64, 64, 4, 2), (32, 32, 4, 2),
+    (64, 32, 4, 3), (64, 32, 8, 3), (64, 64, 4, 2), (32, 32, 4, 2),
 ])
+# float32 uses exact fp32 dots on CUDA cores (TF32 tensor cores would miss torch's float32 accuracy); their
+# operands take many more registers, so float32 gets small tiles of its own.
+FP32_CONFIGS = {
+    "forward": _configs([(16, 32, 8, 2), (32, 16, 8, 2)]),
+    "dkdv": _configs([(16, 32, 8, 2), (32, 16, 8, 2)]),
+    "dq": _configs([(16, 32, 8, 2)]),
+}
 DELTA_BLOCK_M = 64
 # Under TRITON_INTERPRET=1 a single config each; uneven blocks so both masking schemes are exercised on CPU.
 INTERPRETER_CONFIGS = {
@@ -57,50 +64,58 @@ INTERPRETER_CONFIGS = {
     "dq": _configs([(64, 32, 4, 1)]),
 }
 CONFIGS = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
-# Rough budgets used for pruning; tests/test_triton_compile.py checks the real numbers for sm_80 and sm_90.
-MAX_FP32_ACCUMULATOR_PER_THREAD = 128
+# Pruning budgets, fitted to the register and shared-memory counts that tests/test_triton_compile.py reports
+# for sm_90 and sm_80 (it fails on any spill or shared-memory overflow in a shipped config).
+MAX_LIVE_FP32_PER_THREAD = 128
 MAX_SHARED_MEMORY_BYTES = 160 * 1024
+PHILOX_COST = 4  # a score tile under dropout holds about four times the registers (the Philox state)
 
 
 def head_dim_block(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def configs_for(kernel, seq_len, head_dim, element_size):
-    """The autotune candidates of `kernel` worth trying for this shape.
+def _cost(kernel, config, block_d, element_size, dropout):
+    """(fp32 values live per thread, shared-memory bytes): a rough model of one config's footprint.
 
-    Drops tiles much longer than the sequence (all padding), tiles whose fp32 accumulators would not fit in
-    registers (dK and dV: two BLOCK_N x BLOCK_D tiles; forward and dQ: one BLOCK_M x BLOCK_D tile, plus the
-    BLOCK_M x BLOCK_N scores) and tiles whose pipelined K/V (or Q/dO) stages would overflow shared memory.
-    Never returns an empty list: the smallest config always survives."""
+    Live values: the fp32 accumulators of the owned rows (dK and dV: two BLOCK_N x BLOCK_D tiles; forward and
+    dQ: one BLOCK_M x BLOCK_D tile) plus the BLOCK_M x BLOCK_N score tiles (two in the backward: P and dP).
+    Shared memory: the owned rows' two input tiles plus num_stages pipelined copies of the two streamed tiles."""
+    m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
+    owned, swept = (n, m) if kernel == "dkdv" else (m, n)
+    accumulators = (2 if kernel == "dkdv" else 1) * owned * block_d
+    scores = (1 if kernel == "forward" else 2) * m * n * (PHILOX_COST if dropout else 1)
+    shared = (2 * owned + 2 * config.num_stages * swept) * block_d * element_size
+    return (accumulators + scores) / (32 * config.num_warps), shared
+
+
+def configs_for(kernel, seq_len, head_dim, element_size, dropout):
+    """The autotune candidates of `kernel` worth trying for this shape (float32: FP32_CONFIGS): no tile much
+    longer than the sequence (all padding), none whose estimated registers or shared memory overflow (see
+    `_cost`). Never empty: when nothing fits, the config with the fewest live values per thread is kept."""
     if triton_interpreted():
         return INTERPRETER_CONFIGS[kernel]
+    if element_size == 4:
+        return FP32_CONFIGS[kernel]
     block_d = head_dim_block(head_dim)
     longest = max(32, triton.next_power_of_2(seq_len))
-    kept = []
-    for config in CONFIGS[kernel]:
-        m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
-        threads = 32 * config.num_warps
-        owned, swept = (n, m) if kernel == "dkdv" else (m, n)
-        accumulators = (2 if kernel == "dkdv" else 1) * owned * block_d + m * n
-        streamed = 2 * config.num_stages * swept * block_d * element_size
-        resident = 2 * owned * block_d * element_size
-        if (max(m, n) <= longest and accumulators / threads <= MAX_FP32_ACCUMULATOR_PER_THREAD
-                and streamed + resident <= MAX_SHARED_MEMORY_BYTES):
-            kept.append(config)
-    return kept or [CONFIGS[kernel][-1]]
+    costs = [(config, *_cost(kernel, config, block_d, element_size, dropout)) for config in CONFIGS[kernel]]
+    kept = [config for config, live, shared in costs
+            if max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) <= longest
+            and live <= MAX_LIVE_FP32_PER_THREAD and shared <= MAX_SHARED_MEMORY_BYTES]
+    return kept or [min(costs, key=lambda cost: cost[1])[0]]
 
 
 _autotuners = {}
 
 
-def _autotuned(kernel_name, kernel, seq_len, head_dim, element_size):
-    """One autotuner per (kernel, sequence-length bucket, head dim, dtype size): the pruned candidates differ
-    by shape, and bucketing by the next power of two keeps e.g. token-by-token sampling from re-tuning."""
+def _autotuned(kernel_name, kernel, seq_len, head_dim, element_size, dropout):
+    """One autotuner per (kernel, sequence-length bucket, head dim, dtype size, dropout): the pruned candidates
+    differ by shape, and bucketing by the next power of two keeps token-by-token sampling from re-tuning."""
     bucket = triton.next_power_of_2(seq_len)
-    key = (kernel_name, bucket, head_dim, element_size)
+    key = (kernel_name, bucket, head_dim, element_size, dropout)
     if key not in _autotuners:
-        configs = configs_for(kernel_name, bucket, head_dim, element_size)
+        configs = configs_for(kernel_name, bucket, head_dim, element_size, dropout)
         _autotuners[key] = triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"])(kernel)
     return _autotuners[key]
 
@@ -132,7 +147,7 @@ def _store_rows(base, tile, rows, cols, stride_row, n_rows, HEAD_DIM: tl.constex
 
 @triton.jit
 def _matmul(a, b, acc):
-    """a @ b (+ acc) on tensor cores; float32 inputs stay exact fp32 (no TF32) to match torch's float32 math."""
+    """a @ b (+ acc): tensor cores for fp16/bf16; float32 stays exact fp32 (no TF32), like torch's float32 math."""
     if a.dtype == tl.float32:
         return tl.dot(a, b, acc, input_precision="ieee")
     else:
@@ -418,7 +433,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: O
     t_k = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
-    kernel = _autotuned("forward", _attention_forward, max(t_q, t_k), head_dim, q.element_size())
+    kernel = _autotuned("forward", _attention_forward, max(t_q, t_k), head_dim, q.element_size(), dropout_p > 0.0)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     torch.library.wrap_triton(kernel)[grid](
         q, k, v, out, lse, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
@@ -445,12 +460,13 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     common = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=block_d)
     scalars = (heads, t_q, t_k, scale * LOG2_E, scale, *_dropout_args(dropout_p))
     inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out))
-    dkdv = _autotuned("dkdv", _attention_backward_dkdv, max(t_q, t_k), head_dim, q.element_size())
+    shape = (max(t_q, t_k), head_dim, q.element_size(), dropout_p > 0.0)
+    dkdv = _autotuned("dkdv", _attention_backward_dkdv, *shape)
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), batch * heads)  # noqa: E731
     torch.library.wrap_triton(dkdv)[grid](
         q, k, v, grad_out, lse, delta, dk, dv, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv), *scalars,
         **common)
-    dq_kernel = _autotuned("dq", _attention_backward_dq, max(t_q, t_k), head_dim, q.element_size())
+    dq_kernel = _autotuned("dq", _attention_backward_dq, *shape)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
     torch.library.wrap_triton(dq_kernel)[grid](
         q, k, v, grad_out, lse, delta, dq, seed, *inputs, *_bht_strides(dq), *scalars, **common)
