@@ -88,3 +88,16 @@ def test_compiled_model_matches_eager(route, dtype):
     train_loss, train_grads = loss_and_grads(compiled, idx, targets)
     assert torch.isfinite(train_loss) and all(torch.isfinite(g).all() for g in train_grads)
     assert train_loss != loss
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_opcheck_schemas_fake_tensors_and_autograd(dtype):
+    """torch.library.opcheck: schema, fake (meta) outputs matching real ones, autograd registration, AOT dispatch."""
+    make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
+    q, k, v = make(2, 3, 40, 32), make(2, 3, 40, 32), make(2, 3, 40, 32)
+    seed = torch.tensor([1234], device="cuda", dtype=torch.int64)
+    for args in [(q, k, v, None, True, 0.0, 0.2), (q, k, v, seed, False, 0.1, 0.2)]:
+        torch.library.opcheck(triton_attention.attention_forward, args)
+    x, w, b = make(50, 200), make(200), make(200)
+    for args in [(x, w, b, 1e-5), (x, None, None, 1e-5)]:
+        torch.library.opcheck(triton_layer_norm.layer_norm_forward, args)
