@@ -22,7 +22,7 @@ MAX_N = 65536
 MAX_BLOCK_N = 4096  # widest row kept in registers; longer rows are swept in blocks of this size
 TILE_ELEMENTS = 4096  # rows per program tile: as many as fill this many elements (short rows share a program)
 MAX_BLOCK_M = 64
-BACKWARD_PROGRAMS_PER_SM = 8
+BACKWARD_PROGRAMS_PER_SM = 4  # enough programs to fill the GPU, few enough that the partial sums stay small
 
 
 def launch_config(n_rows, n_cols):
