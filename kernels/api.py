@@ -25,8 +25,19 @@ def _check_float_tensors(op, **tensors):
             raise TypeError(f"{op}: {name} is {t.dtype} but {first_name} is {first.dtype}")
 
 
+def _float_tensors_ok(first, *others):
+    """Cheap test that `_check_float_tensors` would pass for these tensors (others may hold None: skipped)."""
+    if not (isinstance(first, torch.Tensor) and first.is_floating_point()):
+        return False
+    dtype, device = first.dtype, first.device
+    return all(t is None or (isinstance(t, torch.Tensor) and t.dtype == dtype and t.device == device)
+               for t in others)
+
+
 def _attention_problem(q, k, v, dropout_p, scale):
     """None for a request every backend can run, else what is wrong with it (shapes as (B, H, T, D))."""
+    if _attention_ok(q, k, v, dropout_p, scale):  # the common case, checked with few Python operations
+        return None
     _check_float_tensors("attention", q=q, k=k, v=v)
     if not 0.0 <= dropout_p < 1.0:
         return f"dropout_p must be in [0, 1), got {dropout_p}"
@@ -43,6 +54,16 @@ def _attention_problem(q, k, v, dropout_p, scale):
     if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
         return f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"
     return None
+
+
+def _attention_ok(q, k, v, dropout_p, scale):
+    """True only for requests `_attention_problem` accepts: the same conditions, tested cheaply."""
+    if not (_float_tensors_ok(q, k, v) and isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0
+            and (scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale)))):
+        return False
+    qs, ks = q.shape, k.shape
+    return (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0] and qs[1] == ks[1]
+            and qs[3] == ks[3] and qs[2] >= 1 and ks[2] >= 1 and 1 <= qs[3] <= MAX_HEAD_DIM)
 
 
 def causal_attention(q, k, v, dropout_p=0.0, scale=None, backend=None):
@@ -70,7 +91,8 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     Any leading dims are folded into (B, H); an explicit mask, GQA, a value dim unlike the query's or D > 256
     go to torch's own implementation.
     """
-    _check_float_tensors("scaled_dot_product_attention", query=query, key=key, value=value)
+    if not _float_tensors_ok(query, key, value):
+        _check_float_tensors("scaled_dot_product_attention", query=query, key=key, value=value)
     torch_sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa)
@@ -96,6 +118,23 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
 
 def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
     """F.layer_norm-compatible LayerNorm on a fused backend: statistics over the trailing `normalized_shape`."""
+    # The common case (one normalized dim, matching tensors), checked and dispatched with few Python operations:
+    # at small shapes the Python around the kernel costs more than the kernel.
+    n = normalized_shape if isinstance(normalized_shape, int) else (
+        normalized_shape[0] if isinstance(normalized_shape, (tuple, list)) and len(normalized_shape) == 1 else None)
+    if (isinstance(n, int) and _float_tensors_ok(input, weight, bias) and input.dim() >= 1 and input.shape[-1] == n
+            and (weight is None or (weight.dim() == 1 and weight.shape[0] == n))
+            and (bias is None or (bias.dim() == 1 and bias.shape[0] == n))
+            and isinstance(eps, (int, float)) and eps > 0):
+        module = backends.resolve(backend, backends.LAYER_NORM, input)
+        if input.dim() == 2:
+            return module.layer_norm(input, weight, bias, float(eps))
+        return module.layer_norm(input.reshape(-1, n), weight, bias, float(eps)).view(input.shape)
+    return _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend)
+
+
+def _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend):
+    """layer_norm for anything off the common path: every check, with a message that says what is wrong."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)

@@ -1,12 +1,15 @@
-"""Attention on the `ext` backend: the chargpt C++/CUDA ops (csrc/), with fake tensors and autograd for
-torch.compile. Dropout draws one seed per call from torch's generator; the kernels regenerate the mask from it
-(Philox, kernels/reference.py) in the backward. Importing this module loads (or builds) the extension."""
+"""Attention on the `ext` backend: the chargpt C++/CUDA ops (csrc/), with fake tensors for torch.compile (autograd
+is registered in C++, csrc/ops.cpp). Dropout draws one seed per call from torch's generator; the kernels regenerate
+the mask from it (Philox, kernels/reference.py) in the backward. Importing this module loads (or builds) the
+extension."""
 
 import torch
 
 from kernels import ext_build, reference
 
 ext_build.require()
+
+_attention_fwd = torch.ops.chargpt.attention_fwd.default  # the overload itself: one Python hop fewer per call
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32,),
@@ -24,24 +27,7 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def _setup_context(ctx, inputs, output):
-    q, k, v, is_causal, dropout_p, scale, seed = inputs
-    out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
-    ctx.args = (is_causal, dropout_p, scale)
-
-
-def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    is_causal, dropout_p, scale = ctx.args
-    dq, dk, dv = torch.ops.chargpt.attention_bwd(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale, seed)
-    return dq, dk, dv, None, None, None, None
-
-
-torch.library.register_autograd("chargpt::attention_fwd", _backward, setup_context=_setup_context)
-
-
 def attention(q, k, v, is_causal, dropout_p, scale):
     """softmax(q k^T * scale) v for q (B, H, Tq, D), k and v (B, H, Tk, D); causal is top-left aligned."""
     seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
-    return torch.ops.chargpt.attention_fwd(q, k, v, is_causal, dropout_p, scale, seed)[0]
+    return _attention_fwd(q, k, v, is_causal, dropout_p, scale, seed)[0]

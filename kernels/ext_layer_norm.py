@@ -1,11 +1,14 @@
-"""LayerNorm on the `ext` backend: the chargpt C++/CUDA ops (csrc/), with fake tensors and autograd for
-torch.compile. Importing this module loads (or builds) the extension."""
+"""LayerNorm on the `ext` backend: the chargpt C++/CUDA ops (csrc/), with fake tensors for torch.compile. Autograd
+is registered in C++ (csrc/ops.cpp: a Python register_autograd cost more per call than a small kernel).
+Importing this module loads (or builds) the extension."""
 
 import torch
 
 from kernels import ext_build
 
 ext_build.require()
+
+_layer_norm_fwd = torch.ops.chargpt.layer_norm_fwd.default  # the overload itself: one Python hop fewer per call
 
 SUPPORTED_DTYPES = {
     "cpu": (torch.float32,),
@@ -26,22 +29,6 @@ def _layer_norm_bwd_fake(grad_out, x, weight, mean, rstd):
     return x.new_empty(x.shape), x.new_empty((n,)), x.new_empty((n,))
 
 
-def _setup_context(ctx, inputs, output):
-    x, weight, bias, _eps = inputs
-    _y, mean, rstd = output
-    ctx.save_for_backward(x, weight, mean, rstd)
-    ctx.has_bias = bias is not None
-
-
-def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
-    x, weight, mean, rstd = ctx.saved_tensors
-    dx, dweight, dbias = torch.ops.chargpt.layer_norm_bwd(grad_y, x, weight, mean, rstd)
-    return dx, (dweight if weight is not None else None), (dbias if ctx.has_bias else None), None
-
-
-torch.library.register_autograd("chargpt::layer_norm_fwd", _backward, setup_context=_setup_context)
-
-
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the last dim of x (M, N); weight and bias are (N,) or None."""
-    return torch.ops.chargpt.layer_norm_fwd(x, weight, bias, eps)[0]
+    return _layer_norm_fwd(x, weight, bias, eps)[0]
