@@ -66,7 +66,9 @@ INTERPRETER_CONFIGS = {
 CONFIGS = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 # Pruning budgets, fitted to the register and shared-memory counts that tests/test_triton_compile.py reports
 # for sm_90 and sm_80 (it fails on any spill or shared-memory overflow in a shipped config).
-MAX_LIVE_FP32_PER_THREAD = 128
+# Hopper's wgmma reads its operands from shared memory; sm_80's mma.sync holds them in registers, so there the
+# configs at 128 (e.g. forward M=128 N=64 w4, dK/dV M=64 N=64 w4) spill.
+MAX_LIVE_FP32_PER_THREAD = {"sm_90+": 128, "older": 120}
 MAX_SHARED_MEMORY_BYTES = 160 * 1024
 PHILOX_COST = 4  # a score tile under dropout holds about four times the registers (the Philox state)
 
@@ -89,35 +91,52 @@ def _cost(kernel, config, block_d, element_size, dropout):
     return (accumulators + scores) / (32 * config.num_warps), shared
 
 
-def configs_for(kernel, seq_len, head_dim, element_size, dropout):
-    """The autotune candidates of `kernel` worth trying for this shape (float32: FP32_CONFIGS): no tile much
-    longer than the sequence (all padding), none whose estimated registers or shared memory overflow (see
-    `_cost`). Never empty: when nothing fits, the config with the fewest live values per thread is kept."""
+def configs_for(kernel, seq_len, head_dim, element_size, dropout, capability):
+    """The autotune candidates of `kernel` worth trying for this shape on compute capability `capability` (e.g.
+    90 for sm_90; float32: FP32_CONFIGS): no tile much longer than the sequence (all padding), none whose
+    estimated registers or shared memory overflow (see `_cost`). Never empty: when nothing fits, the config
+    with the fewest live values per thread is kept."""
     if triton_interpreted():
         return INTERPRETER_CONFIGS[kernel]
     if element_size == 4:
         return FP32_CONFIGS[kernel]
     block_d = head_dim_block(head_dim)
     longest = max(32, triton.next_power_of_2(seq_len))
+    max_live = MAX_LIVE_FP32_PER_THREAD["sm_90+" if capability >= 90 else "older"]
     costs = [(config, *_cost(kernel, config, block_d, element_size, dropout)) for config in CONFIGS[kernel]]
     kept = [config for config, live, shared in costs
             if max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) <= longest
-            and live <= MAX_LIVE_FP32_PER_THREAD and shared <= MAX_SHARED_MEMORY_BYTES]
+            and live <= max_live and shared <= MAX_SHARED_MEMORY_BYTES]
     return kept or [min(costs, key=lambda cost: cost[1])[0]]
+
+
+def _capability(device):
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 _autotuners = {}
 
 
-def _autotuned(kernel_name, kernel, seq_len, head_dim, element_size, dropout):
-    """One autotuner per (kernel, sequence-length bucket, head dim, dtype size, dropout): the pruned candidates
-    differ by shape, and bucketing by the next power of two keeps token-by-token sampling from re-tuning."""
+def _autotuned(kernel_name, kernel, q, seq_len, dropout):
+    """One autotuner per (kernel, sequence-length bucket, head dim, dtype, dropout, GPU generation): the pruned
+    candidates differ by all of these, and bucketing by the next power of two keeps token-by-token sampling from
+    re-tuning."""
+    capability = 0 if triton_interpreted() else _capability(q.device)
     bucket = triton.next_power_of_2(seq_len)
-    key = (kernel_name, bucket, head_dim, element_size, dropout)
+    key = (kernel_name, bucket, q.shape[-1], q.element_size(), dropout, capability)
     if key not in _autotuners:
-        configs = configs_for(kernel_name, bucket, head_dim, element_size, dropout)
+        configs = configs_for(kernel_name, bucket, q.shape[-1], q.element_size(), dropout, capability)
         _autotuners[key] = triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"])(kernel)
     return _autotuners[key]
+
+
+@triton.jit
+def _block_of_head(n_rows, BLOCK: tl.constexpr):
+    """(first row, b * H + h) of this program. The grid is 1-D (no 65,535 limit on B * H), and the row blocks
+    of one head are adjacent, so programs running together share that head's K and V in L2."""
+    blocks = tl.cdiv(n_rows, BLOCK)
+    return tl.program_id(0) % blocks * BLOCK, tl.program_id(0) // blocks
 
 
 @triton.jit
@@ -207,10 +226,9 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
                        H, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
                        IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (query blocks, B*H). Key blocks below the diagonal and inside T_K run unmasked; the (at most a
+    # Grid: (query blocks) x (B*H). Key blocks below the diagonal and inside T_K run unmasked; the (at most a
     # couple of) blocks on the diagonal or at the T_K tail run masked; blocks in the future are never visited.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    start_m, bh = _block_of_head(T_Q, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -252,8 +270,8 @@ def _attention_backward_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om,
                               stride_dom, H, T_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
                               BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO[i, d] * O[i, d] = sum_j P_ij dP_ij: the softmax-backward row term, one row per query.
-    offs_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    bh = tl.program_id(1)
+    start_m, bh = _block_of_head(T_Q, BLOCK_M)
+    offs_m = start_m + tl.arange(0, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
@@ -304,10 +322,9 @@ def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, seed_ptr,
                              H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
                              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (key blocks, B*H): k and v stay in registers while query blocks stream past. Causal: queries before
+    # Grid: (key blocks) x (B*H): k and v stay in registers while query blocks stream past. Causal: queries before
     # the key block never see it (skipped); query blocks crossing the diagonal and the T_Q tail run masked.
-    start_n = tl.program_id(0) * BLOCK_N
-    bh = tl.program_id(1)
+    start_n, bh = _block_of_head(T_K, BLOCK_N)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -376,9 +393,8 @@ def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
                            H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
                            IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid (query blocks, B*H): the forward's loop structure, with q, dO, lse and delta held in registers.
-    start_m = tl.program_id(0) * BLOCK_M
-    bh = tl.program_id(1)
+    # Grid: (query blocks) x (B*H): the forward's loop structure, with q, dO, lse and delta held in registers.
+    start_m, bh = _block_of_head(T_Q, BLOCK_M)
     b = (bh // H).to(tl.int64)
     h = (bh % H).to(tl.int64)
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -433,8 +449,8 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: O
     t_k = k.shape[2]
     out = torch.empty_like(q)
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
-    kernel = _autotuned("forward", _attention_forward, max(t_q, t_k), head_dim, q.element_size(), dropout_p > 0.0)
-    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0)
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     torch.library.wrap_triton(kernel)[grid](
         q, k, v, out, lse, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
         heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p),
@@ -453,21 +469,20 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     block_d = head_dim_block(head_dim)
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    torch.library.wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M), batch * heads)](
+    torch.library.wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M) * batch * heads,)](
         out, grad_out, delta, *_bht_strides(out), *_bht_strides(grad_out), heads, t_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
     common = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=block_d)
     scalars = (heads, t_q, t_k, scale * LOG2_E, scale, *_dropout_args(dropout_p))
     inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out))
-    shape = (max(t_q, t_k), head_dim, q.element_size(), dropout_p > 0.0)
-    dkdv = _autotuned("dkdv", _attention_backward_dkdv, *shape)
-    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]), batch * heads)  # noqa: E731
+    dkdv = _autotuned("dkdv", _attention_backward_dkdv, q, max(t_q, t_k), dropout_p > 0.0)
+    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
     torch.library.wrap_triton(dkdv)[grid](
         q, k, v, grad_out, lse, delta, dk, dv, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv), *scalars,
         **common)
-    dq_kernel = _autotuned("dq", _attention_backward_dq, *shape)
-    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]), batch * heads)  # noqa: E731
+    dq_kernel = _autotuned("dq", _attention_backward_dq, q, max(t_q, t_k), dropout_p > 0.0)
+    grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     torch.library.wrap_triton(dq_kernel)[grid](
         q, k, v, grad_out, lse, delta, dq, seed, *inputs, *_bht_strides(dq), *scalars, **common)
     return dq, dk, dv
