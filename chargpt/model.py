@@ -17,7 +17,7 @@ import kernels
 from chargpt import ChargptError
 from kernels.backends import triton_interpreted, unavailable_reason
 
-KERNEL_CHOICES = ("eager", "triton", "ext", "auto")
+KERNEL_CHOICES = kernels.backends.CHOICES  # eager, triton, ext, auto
 
 
 @dataclass

@@ -204,7 +204,7 @@ def plot_losses(metrics_path, png_path):
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
+        return
     records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line]
     steps = [r for r in records if r["kind"] == "step"]
     evals = [r for r in records if r["kind"] == "eval"]
@@ -217,7 +217,6 @@ def plot_losses(metrics_path, png_path):
     ax.legend()
     fig.savefig(png_path, dpi=100, bbox_inches="tight")
     plt.close(fig)
-    return True
 
 
 def resolve_dtype(name, device):
@@ -241,13 +240,13 @@ def train(args):
         preset_name = checkpoint["preset"]
         model_cfg = ModelConfig(**checkpoint["model_config"])
         train_cfg = TrainConfig(**checkpoint["train_config"])
-        data_path = args.data or checkpoint["data"]
+        data_path = str(Path(args.data).resolve()) if args.data else checkpoint["data"]
         requested_kernels = "auto" if args.fused else args.kernels or checkpoint["kernels"]
     else:
         preset_name = args.preset or ("gpt" if device.type == "cuda" else "gpt-cpu")
         preset = get_preset(preset_name)
         model_cfg, train_cfg = preset.model, preset.train
-        data_path = args.data
+        data_path = args.data and str(Path(args.data).resolve())  # absolute, so --resume works from anywhere
         requested_kernels = "auto" if args.fused else args.kernels or "eager"
     apply_overrides(args, train_cfg)
     apply_overrides(args, model_cfg)
