@@ -85,6 +85,7 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     ctx->save_for_backward({x, or_undefined(weight), mean, rstd});
     ctx->saved_data["has_bias"] = bias.has_value();
     ctx->mark_non_differentiable({mean, rstd});
+    ctx->set_materialize_grads(false);  // no zero gradients built for mean and rstd
     return {y, mean, rstd};
   }
 
@@ -108,6 +109,7 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
     ctx->mark_non_differentiable({lse});
+    ctx->set_materialize_grads(false);
     return {out, lse};
   }
 

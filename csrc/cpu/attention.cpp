@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "buffer_pool.h"
 #include "simd.h"
 
 // Weak: present when torch links a BLAS (MKL on x86 wheels); null otherwise, and the fallback runs.
@@ -127,7 +128,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const float scale = static_cast<float>(scale_d);
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
-  at::Tensor out = at::empty({B, H, Tq, D}, q_in.options());
+  at::Tensor out = pooled_empty({B, H, Tq, D});
   at::Tensor lse = at::empty({B, H, Tq}, q_in.options().dtype(at::kFloat));
   float* out_p = out.mutable_data_ptr<float>();
   float* lse_p = lse.mutable_data_ptr<float>();
@@ -204,9 +205,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const float scale = static_cast<float>(scale_d);
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
-  at::Tensor dq = at::zeros({B, H, Tq, D}, q_in.options());
-  at::Tensor dk = at::zeros({B, H, Tk, D}, q_in.options());
-  at::Tensor dv = at::zeros({B, H, Tk, D}, q_in.options());
+  at::Tensor dq = pooled_empty({B, H, Tq, D}).zero_();
+  at::Tensor dk = pooled_empty({B, H, Tk, D}).zero_();
+  at::Tensor dv = pooled_empty({B, H, Tk, D}).zero_();
   const float* lse_p = lse.const_data_ptr<float>();
   float* dq_p = dq.mutable_data_ptr<float>();
   float* dk_p = dk.mutable_data_ptr<float>();

@@ -1,6 +1,6 @@
 // LayerNorm on CPU (float32): rows in parallel with at::parallel_for, 16-lane vectors within a row.
-//   forward : one pass of Welford statistics per row (16 lanes, merged exactly with Chan's formula),
-//             then normalise and apply the affine in one sweep.
+//   forward : statistics per row (sum, then squared deviations: the row is read from memory once and re-read
+//             from L1), then normalise and apply the affine in one sweep.
 //   backward: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per row; dW = sum g*xhat and dB = sum g
 //             as partial sums over fixed chunks of rows, reduced once in chunk order, so the result is the same
 //             for any thread count.
@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "buffer_pool.h"
 #include "simd.h"
 
 namespace chargpt {
@@ -23,38 +24,35 @@ using simd::vfloat;
 
 constexpr int64_t kMinElementsPerTask = 16384;  // below this a thread hand-off costs more than it saves
 
-// Welford over one row: mean and M2 (sum of squared deviations). Four independent 16-lane accumulators hide the
-// latency of each update's dependency chain; the 64 equal-count lanes merge exactly (Chan et al.), and the last
-// n % 64 elements are folded in one by one.
+// Mean and M2 (sum of squared deviations) of one row, two sweeps over it: the sum, then the squared deviations
+// from the mean. The row is read from memory once: the second sweep hits L1 (a row of N floats fits for N up to
+// ~12K, L2 beyond). Numerically this is the textbook two-pass algorithm, at least as accurate as Welford, and
+// without Welford's per-block division and its dependent update chain. Four vector accumulators hide the add
+// latency; the lanes are summed in a fixed tree order.
 inline void row_moments(const float* x, int64_t n, float& mean_out, float& m2_out) {
   constexpr int64_t kBlock = 4 * kWidth;
-  const int64_t nb = n / kBlock * kBlock;
-  vfloat mean[4] = {}, m2[4] = {};
-  int64_t count = 0;
-  for (int64_t j = 0; j < nb; j += kBlock) {
-    const float inv = 1.f / static_cast<float>(++count);
+  const int64_t nb = n / kBlock * kBlock, nv = n / kWidth * kWidth;
+  vfloat acc[4] = {};
+  for (int64_t j = 0; j < nb; j += kBlock)
+    for (int a = 0; a < 4; ++a) acc[a] += simd::load(x + j + a * kWidth);
+  for (int64_t j = nb; j < nv; j += kWidth) acc[0] += simd::load(x + j);
+  float sum = simd::reduce_add((acc[0] + acc[1]) + (acc[2] + acc[3]));
+  for (int64_t j = nv; j < n; ++j) sum += x[j];
+  const float mu = sum / static_cast<float>(n);
+  vfloat sq[4] = {};
+  for (int64_t j = 0; j < nb; j += kBlock)
     for (int a = 0; a < 4; ++a) {
-      const vfloat xv = simd::load(x + j + a * kWidth);
-      const vfloat delta = xv - mean[a];
-      mean[a] += delta * inv;
-      m2[a] += delta * (xv - mean[a]);
+      const vfloat d = simd::load(x + j + a * kWidth) - mu;
+      sq[a] += d * d;
     }
+  for (int64_t j = nb; j < nv; j += kWidth) {
+    const vfloat d = simd::load(x + j) - mu;
+    sq[0] += d * d;
   }
-  float mu = 0.f, sq = 0.f;
-  if (count > 0) {
-    mu = simd::reduce_add((mean[0] + mean[1]) + (mean[2] + mean[3])) / kBlock;
-    vfloat spread2 = simd::splat(0.f);
-    for (int a = 0; a < 4; ++a) spread2 += (mean[a] - mu) * (mean[a] - mu);
-    sq = simd::reduce_add((m2[0] + m2[1]) + (m2[2] + m2[3])) + static_cast<float>(count) * simd::reduce_add(spread2);
-  }
-  int64_t total = count * kBlock;
-  for (int64_t j = nb; j < n; ++j) {
-    const float delta = x[j] - mu;
-    mu += delta / static_cast<float>(++total);
-    sq += delta * (x[j] - mu);
-  }
+  float m2 = simd::reduce_add((sq[0] + sq[1]) + (sq[2] + sq[3]));
+  for (int64_t j = nv; j < n; ++j) m2 += (x[j] - mu) * (x[j] - mu);
   mean_out = mu;
-  m2_out = sq;
+  m2_out = m2;
 }
 
 template <bool kWeight, bool kBias>
@@ -106,7 +104,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   // Strided columns (a slice like x[..., ::2]) are copied once: the vector loads need unit stride.
   const at::Tensor x = rows_with_unit_columns(x_in);
   const int64_t m = x.size(0), n = x.size(1);
-  at::Tensor y = at::empty({m, n}, x.options());
+  at::Tensor y = pooled_empty({m, n});
   at::Tensor mean = at::empty({m}, x.options().dtype(at::kFloat));
   at::Tensor rstd = at::empty({m}, x.options().dtype(at::kFloat));
   if (m == 0) return {y, mean, rstd};
@@ -125,29 +123,33 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
-// One row of the backward: dx into dx, g*xhat and g added to the chunk's partial sums.
+// One row of the backward: dx into dx, g*xhat and g added to the chunk's partial sums. The first sweep only
+// reduces (four independent accumulators), the second writes dx and updates the partials (L1-resident).
 template <bool kWeight>
 inline void backward_row(const float* x, const float* g, const float* w, float* dx, float* dw_part,
                          float* db_part, int64_t n, float mean, float rstd) {
-  const int64_t nv = n / kWidth * kWidth;
-  vfloat sum_gw = simd::splat(0.f), sum_gwx = simd::splat(0.f);
-  for (int64_t j = 0; j < nv; j += kWidth) {
+  const int64_t nv = n / kWidth * kWidth, nb = n / (2 * kWidth) * (2 * kWidth);
+  vfloat sum_gw[2] = {}, sum_gwx[2] = {};
+  for (int64_t j = 0; j < nb; j += 2 * kWidth)
+    for (int a = 0; a < 2; ++a) {
+      const int64_t k = j + a * kWidth;
+      const vfloat xhat = (simd::load(x + k) - mean) * rstd;
+      const vfloat gw = kWeight ? simd::load(g + k) * simd::load(w + k) : simd::load(g + k);
+      sum_gw[a] += gw;
+      sum_gwx[a] += gw * xhat;
+    }
+  for (int64_t j = nb; j < nv; j += kWidth) {
     const vfloat xhat = (simd::load(x + j) - mean) * rstd;
-    const vfloat gv = simd::load(g + j);
-    const vfloat gw = kWeight ? gv * simd::load(w + j) : gv;
-    sum_gw += gw;
-    sum_gwx += gw * xhat;
-    simd::store(dw_part + j, simd::load(dw_part + j) + gv * xhat);
-    simd::store(db_part + j, simd::load(db_part + j) + gv);
+    const vfloat gw = kWeight ? simd::load(g + j) * simd::load(w + j) : simd::load(g + j);
+    sum_gw[0] += gw;
+    sum_gwx[0] += gw * xhat;
   }
-  float s_gw = simd::reduce_add(sum_gw), s_gwx = simd::reduce_add(sum_gwx);
+  float s_gw = simd::reduce_add(sum_gw[0] + sum_gw[1]), s_gwx = simd::reduce_add(sum_gwx[0] + sum_gwx[1]);
   for (int64_t j = nv; j < n; ++j) {
     const float xhat = (x[j] - mean) * rstd;
     const float gw = kWeight ? g[j] * w[j] : g[j];
     s_gw += gw;
     s_gwx += gw * xhat;
-    dw_part[j] += g[j] * xhat;
-    db_part[j] += g[j];
   }
   const float inv_n = 1.f / static_cast<float>(n);
   const float c1 = s_gw * inv_n, c2 = s_gwx * inv_n;
@@ -156,11 +158,15 @@ inline void backward_row(const float* x, const float* g, const float* w, float* 
     const vfloat gv = simd::load(g + j);
     const vfloat gw = kWeight ? gv * simd::load(w + j) : gv;
     simd::store(dx + j, (gw - c1 - xhat * c2) * rstd);
+    simd::store(dw_part + j, simd::load(dw_part + j) + gv * xhat);
+    simd::store(db_part + j, simd::load(db_part + j) + gv);
   }
   for (int64_t j = nv; j < n; ++j) {
     const float xhat = (x[j] - mean) * rstd;
     const float gw = kWeight ? g[j] * w[j] : g[j];
     dx[j] = (gw - c1 - xhat * c2) * rstd;
+    dw_part[j] += g[j] * xhat;
+    db_part[j] += g[j];
   }
 }
 
@@ -175,10 +181,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const at::Tensor x = rows_with_unit_columns(x_in), g = rows_with_unit_columns(grad_out_in);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t m = x.size(0), n = x.size(1);
-  at::Tensor dx = at::empty({m, n}, x.options());
-  at::Tensor dw = at::zeros({n}, x.options());
-  at::Tensor db = at::zeros({n}, x.options());
-  if (m == 0) return {dx, dw, db};
+  at::Tensor dx = pooled_empty({m, n});
+  at::Tensor dw = at::empty({n}, x.options());  // every entry is written by the reduction below
+  at::Tensor db = at::empty({n}, x.options());
+  if (m == 0) return {dx, dw.zero_(), db.zero_()};
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
 
   // Fixed chunks of rows (independent of the thread count): at most 64, each big enough to amortise its partials.

@@ -30,13 +30,12 @@ inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
 typedef float vfloat8 __attribute__((vector_size(32)));
 typedef float vfloat4 __attribute__((vector_size(16)));
 inline vfloat4 fold_to_4(vfloat v, bool take_max) {
-  vfloat8 lo8, hi8;
-  std::memcpy(&lo8, &v, sizeof lo8);
-  std::memcpy(&hi8, reinterpret_cast<const char*>(&v) + sizeof lo8, sizeof hi8);
+  // Register shuffles (vextractf): going through memory instead costs a store-forwarding stall per reduction.
+  const vfloat8 lo8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const vfloat8 hi8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
   const vfloat8 v8 = take_max ? (lo8 > hi8 ? lo8 : hi8) : lo8 + hi8;
-  vfloat4 lo4, hi4;
-  std::memcpy(&lo4, &v8, sizeof lo4);
-  std::memcpy(&hi4, reinterpret_cast<const char*>(&v8) + sizeof lo4, sizeof hi4);
+  const vfloat4 lo4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3);
+  const vfloat4 hi4 = __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
   return take_max ? (lo4 > hi4 ? lo4 : hi4) : lo4 + hi4;
 }
 inline float reduce_add(vfloat v) {
