@@ -182,6 +182,44 @@ class ProgressBar:
         print(message, file=self.stream, flush=True)
 
 
+class Throughput:
+    """Training tokens/s, evaluations and checkpoints left out. The clock is read only after a host sync the loop
+    does anyway (a logged loss), so timing never drains the GPU queue; the first step (compilation, warm-up) is
+    not counted."""
+
+    def __init__(self, tokens_per_step, device):
+        self.tokens_per_step, self.device = tokens_per_step, device
+        self.seconds, self.steps = 0.0, 0
+        self.window_start, self.window_steps = None, 0
+        self.warmed_up = False
+
+    def start_step(self):
+        if self.window_start is None:
+            self.window_start, self.window_steps = time.perf_counter(), 0
+
+    def end_step(self, synced):
+        self.window_steps += 1
+        if synced or not self.warmed_up:
+            self.close_window()
+
+    def close_window(self):
+        if self.window_start is None:
+            return
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        if self.warmed_up:
+            self.seconds += time.perf_counter() - self.window_start
+            self.steps += self.window_steps
+        self.warmed_up = True
+        self.window_start = None
+
+    def tokens_per_sec(self):
+        return self.tokens_per_step * self.steps / self.seconds if self.seconds else 0.0
+
+    def eta(self, steps_left):
+        return steps_left * self.seconds / self.steps if self.steps else 0.0
+
+
 class StopRequest:
     """Turns the first Ctrl-C (or SIGTERM) into a flag the loop checks between steps, so the state saved is
     consistent; a second Ctrl-C stops at once."""
@@ -358,9 +396,8 @@ def train(args):
             save(BEST, full=False)
         return losses
 
-    tokens_per_step = train_cfg.batch_size * model_cfg.block_size * world.world_size
+    throughput = Throughput(train_cfg.batch_size * model_cfg.block_size * world.world_size, device)
     stop = StopRequest()
-    step_seconds, steps_timed = 0.0, 0
     losses = None
     model.train()
     while iter_num < train_cfg.max_iters:
@@ -368,11 +405,10 @@ def train(args):
         if (not world.enabled or iter_num % train_cfg.log_interval == 0) and world.any(stop.requested):
             break
         if iter_num % train_cfg.eval_interval == 0:
+            throughput.close_window()
             losses = evaluate()
             save(LAST, full=True)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        t0 = time.perf_counter()
+        throughput.start_step()
         lr = learning_rate_at(iter_num, train_cfg)
         for group in optimizer.param_groups:
             group["lr"] = lr
@@ -390,24 +426,21 @@ def train(args):
         logging_step = iter_num % train_cfg.log_interval == 0
         if logging_step:
             loss_value = loss.item()  # the only host sync of an ordinary step
-        if device.type == "cuda" and logging_step:
-            torch.cuda.synchronize(device)
-        step_seconds += time.perf_counter() - t0
-        steps_timed += 1
+        throughput.end_step(synced=logging_step)
         iter_num += 1
         if logging_step:
-            tokens_per_sec = tokens_per_step * steps_timed / max(step_seconds, 1e-9)
             log({"kind": "step", "iter": iter_num - 1, "loss": loss_value, "lr": lr,
-                 "tokens_per_sec": tokens_per_sec})
+                 "tokens_per_sec": throughput.tokens_per_sec()})
             if world.master:
-                eta = (train_cfg.max_iters - iter_num) * step_seconds / steps_timed
-                progress.update(iter_num, loss_value, tokens_per_sec, eta)
+                progress.update(iter_num, loss_value, throughput.tokens_per_sec(),
+                                throughput.eta(train_cfg.max_iters - iter_num))
 
+    throughput.close_window()
+    tokens_per_sec = throughput.tokens_per_sec()
     interrupted = iter_num < train_cfg.max_iters
     if not interrupted:
         losses = evaluate()
     save(LAST, full=True)
-    tokens_per_sec = tokens_per_step * steps_timed / step_seconds if steps_timed else 0.0
     if world.master:
         plot_losses(metrics_path, out_dir / "loss.png")
         summary = {"preset": preset_name, "iters": iter_num, "best_val_loss": best_val_loss,
