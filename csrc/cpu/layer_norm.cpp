@@ -24,45 +24,64 @@ using simd::vfloat;
 
 constexpr int64_t kMinElementsPerTask = 16384;  // below this a thread hand-off costs more than it saves
 
-// Mean and M2 (sum of squared deviations) of one row, two sweeps over it: the sum, then the squared deviations
+// Outputs much larger than the L2 caches are written with non-temporal stores: the write-allocate read of each
+// line is skipped (a third of a plain store's traffic), and the output would not stay in cache anyway. Smaller
+// outputs stay cached for the next op to read.
+inline bool streaming_output(int64_t m, int64_t n) { return m * n * static_cast<int64_t>(sizeof(float)) >= (8 << 20); }
+
+// Mean and M2 (sum of squared deviations) of a row, two sweeps over it: the sum, then the squared deviations
 // from the mean. The row is read from memory once: the second sweep hits L1 (a row of N floats fits for N up to
 // ~12K, L2 beyond). Numerically this is the textbook two-pass algorithm, at least as accurate as Welford, and
 // without Welford's per-block division and its dependent update chain. Four vector accumulators hide the add
 // latency; the lanes are summed in a fixed tree order.
-inline void row_moments(const float* x, int64_t n, float& mean_out, float& m2_out) {
+// R rows at once (R independent dependency chains for short rows); each row's arithmetic is the same for every R,
+// so how rows are grouped (which depends on the thread split) never changes a result.
+template <int R>
+inline void rows_moments(const float* const* x, int64_t n, float* mean_out, float* m2_out) {
   constexpr int64_t kBlock = 4 * kWidth;
   const int64_t nb = n / kBlock * kBlock, nv = n / kWidth * kWidth;
-  vfloat acc[4] = {};
+  const float inv_n = 1.f / static_cast<float>(n);
+  vfloat acc[R][4] = {};
   for (int64_t j = 0; j < nb; j += kBlock)
-    for (int a = 0; a < 4; ++a) acc[a] += simd::load(x + j + a * kWidth);
-  for (int64_t j = nb; j < nv; j += kWidth) acc[0] += simd::load(x + j);
-  float sum = simd::reduce_add((acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (int64_t j = nv; j < n; ++j) sum += x[j];
-  const float mu = sum / static_cast<float>(n);
-  vfloat sq[4] = {};
-  for (int64_t j = 0; j < nb; j += kBlock)
-    for (int a = 0; a < 4; ++a) {
-      const vfloat d = simd::load(x + j + a * kWidth) - mu;
-      sq[a] += d * d;
-    }
-  for (int64_t j = nb; j < nv; j += kWidth) {
-    const vfloat d = simd::load(x + j) - mu;
-    sq[0] += d * d;
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 4; ++a) acc[r][a] += simd::load(x[r] + j + a * kWidth);
+  for (int64_t j = nb; j < nv; j += kWidth)
+    for (int r = 0; r < R; ++r) acc[r][0] += simd::load(x[r] + j);
+  float mu[R];
+  for (int r = 0; r < R; ++r) {
+    float sum = simd::reduce_add((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
+    for (int64_t j = nv; j < n; ++j) sum += x[r][j];
+    mu[r] = sum * inv_n;
   }
-  float m2 = simd::reduce_add((sq[0] + sq[1]) + (sq[2] + sq[3]));
-  for (int64_t j = nv; j < n; ++j) m2 += (x[j] - mu) * (x[j] - mu);
-  mean_out = mu;
-  m2_out = m2;
+  vfloat sq[R][4] = {};
+  for (int64_t j = 0; j < nb; j += kBlock)
+    for (int r = 0; r < R; ++r)
+      for (int a = 0; a < 4; ++a) {
+        const vfloat d = simd::load(x[r] + j + a * kWidth) - mu[r];
+        sq[r][a] += d * d;
+      }
+  for (int64_t j = nb; j < nv; j += kWidth)
+    for (int r = 0; r < R; ++r) {
+      const vfloat d = simd::load(x[r] + j) - mu[r];
+      sq[r][0] += d * d;
+    }
+  for (int r = 0; r < R; ++r) {
+    float m2 = simd::reduce_add((sq[r][0] + sq[r][1]) + (sq[r][2] + sq[r][3]));
+    for (int64_t j = nv; j < n; ++j) m2 += (x[r][j] - mu[r]) * (x[r][j] - mu[r]);
+    mean_out[r] = mu[r];
+    m2_out[r] = m2;
+  }
 }
 
-template <bool kWeight, bool kBias>
+template <bool kWeight, bool kBias, bool kStream>
 void normalize_row(const float* x, float* y, const float* w, const float* b, int64_t n, float mean, float rstd) {
   const int64_t nv = n / kWidth * kWidth;
   for (int64_t j = 0; j < nv; j += kWidth) {
     vfloat v = (simd::load(x + j) - mean) * rstd;
     if constexpr (kWeight) v *= simd::load(w + j);
     if constexpr (kBias) v += simd::load(b + j);
-    simd::store(y + j, v);
+    if constexpr (kStream) simd::store_stream(y + j, v);
+    else simd::store(y + j, v);
   }
   for (int64_t j = nv; j < n; ++j) {
     float v = (x[j] - mean) * rstd;
@@ -76,16 +95,35 @@ template <bool kWeight, bool kBias>
 void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w, const float* b, float* mean,
                   float* rstd, int64_t m, int64_t n, float eps) {
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / n);
+  const bool stream = streaming_output(m, n);
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    for (int64_t r = begin; r < end; ++r) {
+    auto finish = [&](int64_t r, float mu, float m2) {  // statistics stored, row normalised
       const float* xr = x + r * x_row_stride;
-      float mu, m2;
-      row_moments(xr, n, mu, m2);
       const float rs = 1.f / std::sqrt(m2 / static_cast<float>(n) + eps);
       mean[r] = mu;
       rstd[r] = rs;
-      normalize_row<kWeight, kBias>(xr, y + r * n, w, b, n, mu, rs);
+      float* yr = y + r * n;
+      if (stream && simd::aligned64(yr)) normalize_row<kWeight, kBias, true>(xr, yr, w, b, n, mu, rs);
+      else normalize_row<kWeight, kBias, false>(xr, yr, w, b, n, mu, rs);
+    };
+    constexpr int kRows = 4;
+    int64_t r = begin;
+    if (n <= 512) {  // short rows: four at a time
+      for (; r + kRows <= end; r += kRows) {
+        const float* rows[kRows];
+        float mu[kRows], m2[kRows];
+        for (int i = 0; i < kRows; ++i) rows[i] = x + (r + i) * x_row_stride;
+        rows_moments<kRows>(rows, n, mu, m2);
+        for (int i = 0; i < kRows; ++i) finish(r + i, mu[i], m2[i]);
+      }
     }
+    for (; r < end; ++r) {
+      const float* row = x + r * x_row_stride;
+      float mu, m2;
+      rows_moments<1>(&row, n, &mu, &m2);
+      finish(r, mu, m2);
+    }
+    if (stream) simd::stream_fence();
   });
 }
 
@@ -123,51 +161,71 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   return {y, mean, rstd};
 }
 
-// One row of the backward: dx into dx, g*xhat and g added to the chunk's partial sums. The first sweep only
-// reduces (four independent accumulators), the second writes dx and updates the partials (L1-resident).
-template <bool kWeight>
-inline void backward_row(const float* x, const float* g, const float* w, float* dx, float* dw_part,
-                         float* db_part, int64_t n, float mean, float rstd) {
-  const int64_t nv = n / kWidth * kWidth, nb = n / (2 * kWidth) * (2 * kWidth);
-  vfloat sum_gw[2] = {}, sum_gwx[2] = {};
-  for (int64_t j = 0; j < nb; j += 2 * kWidth)
-    for (int a = 0; a < 2; ++a) {
-      const int64_t k = j + a * kWidth;
-      const vfloat xhat = (simd::load(x + k) - mean) * rstd;
-      const vfloat gw = kWeight ? simd::load(g + k) * simd::load(w + k) : simd::load(g + k);
-      sum_gw[a] += gw;
-      sum_gwx[a] += gw * xhat;
+// R rows of the backward: dx into dx[r], g*xhat and g added to the chunk's partial sums. The first sweep only
+// reduces (2R independent accumulators), the second writes dx and updates the partials once per R rows (the
+// partials stay in L1). Rows are grouped from the start of their chunk, and chunks do not depend on the thread
+// count, so neither do the results.
+template <int R, bool kWeight, bool kStream>
+inline void backward_rows(const float* const* x, const float* const* g, const float* w, float* const* dx,
+                          float* dw_part, float* db_part, int64_t n, const float* mean, const float* rstd) {
+  const int64_t nv = n / kWidth * kWidth;
+  vfloat sum_gw[R] = {}, sum_gwx[R] = {};
+  for (int64_t j = 0; j < nv; j += kWidth) {
+    const vfloat wv = kWeight ? simd::load(w + j) : simd::splat(1.f);
+    for (int r = 0; r < R; ++r) {
+      const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
+      const vfloat gw = kWeight ? simd::load(g[r] + j) * wv : simd::load(g[r] + j);
+      sum_gw[r] += gw;
+      sum_gwx[r] += gw * xhat;
     }
-  for (int64_t j = nb; j < nv; j += kWidth) {
-    const vfloat xhat = (simd::load(x + j) - mean) * rstd;
-    const vfloat gw = kWeight ? simd::load(g + j) * simd::load(w + j) : simd::load(g + j);
-    sum_gw[0] += gw;
-    sum_gwx[0] += gw * xhat;
-  }
-  float s_gw = simd::reduce_add(sum_gw[0] + sum_gw[1]), s_gwx = simd::reduce_add(sum_gwx[0] + sum_gwx[1]);
-  for (int64_t j = nv; j < n; ++j) {
-    const float xhat = (x[j] - mean) * rstd;
-    const float gw = kWeight ? g[j] * w[j] : g[j];
-    s_gw += gw;
-    s_gwx += gw * xhat;
   }
   const float inv_n = 1.f / static_cast<float>(n);
-  const float c1 = s_gw * inv_n, c2 = s_gwx * inv_n;
+  float c1[R], c2[R];
+  for (int r = 0; r < R; ++r) {
+    float s_gw = simd::reduce_add(sum_gw[r]), s_gwx = simd::reduce_add(sum_gwx[r]);
+    for (int64_t j = nv; j < n; ++j) {
+      const float xhat = (x[r][j] - mean[r]) * rstd[r];
+      const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
+      s_gw += gw;
+      s_gwx += gw * xhat;
+    }
+    c1[r] = s_gw * inv_n;
+    c2[r] = s_gwx * inv_n;
+  }
   for (int64_t j = 0; j < nv; j += kWidth) {
-    const vfloat xhat = (simd::load(x + j) - mean) * rstd;
-    const vfloat gv = simd::load(g + j);
-    const vfloat gw = kWeight ? gv * simd::load(w + j) : gv;
-    simd::store(dx + j, (gw - c1 - xhat * c2) * rstd);
-    simd::store(dw_part + j, simd::load(dw_part + j) + gv * xhat);
-    simd::store(db_part + j, simd::load(db_part + j) + gv);
+    const vfloat wv = kWeight ? simd::load(w + j) : simd::splat(1.f);
+    vfloat dwv = simd::load(dw_part + j), dbv = simd::load(db_part + j);
+    for (int r = 0; r < R; ++r) {
+      const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
+      const vfloat gv = simd::load(g[r] + j);
+      const vfloat gw = kWeight ? gv * wv : gv;
+      const vfloat d = (gw - c1[r] - xhat * c2[r]) * rstd[r];
+      if constexpr (kStream) simd::store_stream(dx[r] + j, d);
+      else simd::store(dx[r] + j, d);
+      dwv += gv * xhat;
+      dbv += gv;
+    }
+    simd::store(dw_part + j, dwv);
+    simd::store(db_part + j, dbv);
   }
-  for (int64_t j = nv; j < n; ++j) {
-    const float xhat = (x[j] - mean) * rstd;
-    const float gw = kWeight ? g[j] * w[j] : g[j];
-    dx[j] = (gw - c1 - xhat * c2) * rstd;
-    dw_part[j] += g[j] * xhat;
-    db_part[j] += g[j];
-  }
+  for (int64_t j = nv; j < n; ++j)
+    for (int r = 0; r < R; ++r) {
+      const float xhat = (x[r][j] - mean[r]) * rstd[r];
+      const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
+      dx[r][j] = (gw - c1[r] - xhat * c2[r]) * rstd[r];
+      dw_part[j] += g[r][j] * xhat;
+      db_part[j] += g[r][j];
+    }
+}
+
+template <int R>
+void backward_dispatch(bool weight, bool stream, const float* const* x, const float* const* g, const float* w,
+                       float* const* dx, float* dw_part, float* db_part, int64_t n, const float* mean,
+                       const float* rstd) {
+  if (weight && stream) backward_rows<R, true, true>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
+  else if (weight) backward_rows<R, true, false>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
+  else if (stream) backward_rows<R, false, true>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
+  else backward_rows<R, false, false>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out_in,
@@ -200,18 +258,35 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const float* mp = mean.const_data_ptr<float>();
   const float* rp = rstd.const_data_ptr<float>();
   float* dxp = dx.mutable_data_ptr<float>();
+  const bool stream = streaming_output(m, n);
   at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       float* dw_part = partials.data() + c * 2 * padded_n;
       float* db_part = dw_part + padded_n;
       const int64_t r_end = std::min(m, (c + 1) * rows_per_chunk);
-      for (int64_t r = c * rows_per_chunk; r < r_end; ++r) {
+      // Streaming needs every dx row 64-byte aligned: true for pooled outputs when n is a multiple of 16.
+      const bool stream_rows = stream && simd::aligned64(dxp) && n % kWidth == 0;
+      constexpr int kRows = 4;
+      int64_t r = c * rows_per_chunk;
+      for (; r + kRows <= r_end; r += kRows) {
+        const float* xs[kRows];
+        const float* gs[kRows];
+        float* dxs[kRows];
+        for (int i = 0; i < kRows; ++i) {
+          xs[i] = xp + (r + i) * x.stride(0);
+          gs[i] = gp + (r + i) * g.stride(0);
+          dxs[i] = dxp + (r + i) * n;
+        }
+        backward_dispatch<kRows>(wp != nullptr, stream_rows, xs, gs, wp, dxs, dw_part, db_part, n, mp + r, rp + r);
+      }
+      for (; r < r_end; ++r) {
         const float* xr = xp + r * x.stride(0);
         const float* gr = gp + r * g.stride(0);
-        if (wp) backward_row<true>(xr, gr, wp, dxp + r * n, dw_part, db_part, n, mp[r], rp[r]);
-        else backward_row<false>(xr, gr, wp, dxp + r * n, dw_part, db_part, n, mp[r], rp[r]);
+        float* dxr = dxp + r * n;
+        backward_dispatch<1>(wp != nullptr, stream_rows, &xr, &gr, wp, &dxr, dw_part, db_part, n, mp + r, rp + r);
       }
     }
+    if (stream) simd::stream_fence();
   });
   // Reduce the chunk partials once, in chunk order (double accumulators: the sums can span many rows).
   float* dwp = dw.mutable_data_ptr<float>();
