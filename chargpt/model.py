@@ -68,7 +68,8 @@ class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        assert config.n_embd % config.n_head == 0, "n_embd must be a multiple of n_head"
+        if config.n_embd % config.n_head:
+            raise ValueError(f"n_embd {config.n_embd} must be a multiple of n_head {config.n_head}")
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.backend = config.kernels
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)

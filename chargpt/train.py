@@ -43,7 +43,8 @@ def build_parser():
     parser = OneLineParser(prog="python -m chargpt.train", description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", choices=PRESETS, help="default: gpt on CUDA, gpt-cpu otherwise")
     parser.add_argument("--fused", action="store_true", help="--kernels auto, and stop if no fused backend runs here")
-    parser.add_argument("--kernels", choices=KERNEL_CHOICES, help="backend for attention and LayerNorm (eager)")
+    parser.add_argument("--kernels", choices=KERNEL_CHOICES,
+                        help="backend for attention and LayerNorm (default eager; on --resume, the checkpoint's)")
     parser.add_argument("--data", help="a UTF-8 text file to train on (default: tiny shakespeare, downloaded once)")
     parser.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("auto", *DTYPES), default="auto",
@@ -70,6 +71,21 @@ def apply_overrides(args, config):
         value = getattr(args, f.name, None)
         if value is not None and f.name not in FIXED_MODEL_FIELDS:
             setattr(config, f.name, value)
+
+
+def check_config(model_cfg, train_cfg):
+    """One clear error for hyper-parameters no run can use (the flags take any number)."""
+    for config, names in ((train_cfg, ("batch_size", "eval_interval", "eval_iters", "log_interval")),
+                          (model_cfg, ("block_size", "n_layer", "n_head", "n_embd"))):
+        for name in names:
+            if getattr(config, name) < 1:
+                raise ChargptError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(config, name)}")
+    if model_cfg.n_embd % model_cfg.n_head:
+        raise ChargptError(f"--n-embd {model_cfg.n_embd} must be a multiple of --n-head {model_cfg.n_head}")
+    if not 0.0 <= model_cfg.dropout < 1.0:
+        raise ChargptError(f"--dropout must be in [0, 1), got {model_cfg.dropout}")
+    if train_cfg.max_iters < 0 or train_cfg.learning_rate <= 0:
+        raise ChargptError("--max-iters must be >= 0 and --learning-rate > 0")
 
 
 def learning_rate_at(it, cfg):
@@ -290,6 +306,7 @@ def train(args):
     apply_overrides(args, model_cfg)
     if train_cfg.lr_decay_iters is None:
         train_cfg.lr_decay_iters = train_cfg.max_iters
+    check_config(model_cfg, train_cfg)
     if args.fused and args.kernels not in (None, "auto"):
         raise ChargptError(f"--fused means --kernels auto; it cannot be combined with --kernels {args.kernels}")
 

@@ -168,7 +168,9 @@ def test_bad_data_files_are_one_line(tmp_path, content, message):
     (("--no-such-flag",), "unrecognized arguments"),
     (("--kernels", "fastest"), "invalid choice"),
     (("--device", "tpu"), "unknown device"),
-], ids=["bad-value", "unknown-flag", "bad-kernels", "bad-device"])
+    (("--n-head", "5"), "--n-embd 32 must be a multiple of --n-head 5"),
+    (("--batch-size", "0"), "--batch-size must be >= 1"),
+], ids=["bad-value", "unknown-flag", "bad-kernels", "bad-device", "bad-heads", "bad-batch"])
 def test_bad_flags_are_one_line(tmp_path, text_file, args, message):
     result = train(*TINY, "--data", text_file, "--out-dir", tmp_path, *args)
     assert_one_line_error(result, "chargpt.train", message)
