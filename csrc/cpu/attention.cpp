@@ -158,13 +158,18 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
             std::fill(sr, sr + kTileK, 0.f);
             continue;
           }
-          float row_max = sr[0];
-          for (int64_t j = 1; j < visible; ++j) row_max = std::max(row_max, sr[j]);
-          const float m_new = std::max(m[r], row_max);
+          // Masked and padding columns become -inf, so the vector max and exp below need no bounds.
+          for (int64_t j = visible; j < kTileK; ++j) sr[j] = -std::numeric_limits<float>::infinity();
+          vfloat vmax = simd::load(sr);
+          for (int64_t j = kWidth; j < kTileK; j += kWidth) vmax = simd::vmax(vmax, simd::load(sr + j));
+          const float m_new = std::max(m[r], simd::reduce_max(vmax));
           const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
-          exp_row(sr, visible, m_new);
           vfloat sum = simd::splat(0.f);
-          for (int64_t j = 0; j < kTileK; j += kWidth) sum += simd::load(sr + j);
+          for (int64_t j = 0; j < kTileK; j += kWidth) {
+            const vfloat e = simd::exp(simd::load(sr + j) - m_new);
+            simd::store(sr + j, e);
+            sum += e;
+          }
           l[r] = l[r] * alpha + simd::reduce_add(sum);
           m[r] = m_new;
           if (alpha != 1.f) {
@@ -173,7 +178,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
           }
           if (drop.on) {  // the row sum above is taken before dropout, as softmax-then-dropout requires
             const uint64_t base = static_cast<uint64_t>(((bh * Tq) + i0 + r) * Tk + j0);
-            simd::dropout_factors(z.data(), bk, drop.seed, base, drop.p, drop.keep_scale);
+            // Only the visible keys need a draw: past them P is exactly 0 and z stays finite from earlier rows.
+            simd::dropout_factors(z.data(), visible, drop.seed, base, drop.p, drop.keep_scale);
             for (int64_t j = 0; j < kTileK; j += kWidth) simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
           }
         }
@@ -205,9 +211,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const float scale = static_cast<float>(scale_d);
   const DropoutSpec drop = dropout_spec(dropout_p, seed);
-  at::Tensor dq = pooled_empty({B, H, Tq, D}).zero_();
-  at::Tensor dk = pooled_empty({B, H, Tk, D}).zero_();
-  at::Tensor dv = pooled_empty({B, H, Tk, D}).zero_();
+  // Not zero-filled: each tile's first contribution is written with beta = 0 (and unvisited key rows zeroed).
+  at::Tensor dq = pooled_empty({B, H, Tq, D});
+  at::Tensor dk = pooled_empty({B, H, Tk, D});
+  at::Tensor dv = pooled_empty({B, H, Tk, D});
   const float* lse_p = lse.const_data_ptr<float>();
   float* dq_p = dq.mutable_data_ptr<float>();
   float* dk_p = dk.mutable_data_ptr<float>();
@@ -227,10 +234,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const float* oh = o.at_head(b, h);
       const float* lse_h = lse_p + bh * Tq;
       float* dq_h = dq_p + bh * Tq * D;
+      const int64_t dv_end = D / kWidth * kWidth;
       for (int64_t i = 0; i < Tq; ++i) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
-        double sum = 0.0;
-        for (int64_t d = 0; d < D; ++d) sum += static_cast<double>(doh[i * dout.st + d]) * oh[i * o.st + d];
-        delta[i] = static_cast<float>(sum);
+        const float* dor = doh + i * dout.st;
+        const float* orow = oh + i * o.st;
+        vfloat acc_v = simd::splat(0.f);
+        for (int64_t d = 0; d < dv_end; d += kWidth) acc_v += simd::load(dor + d) * simd::load(orow + d);
+        float sum = simd::reduce_add(acc_v);
+        for (int64_t d = dv_end; d < D; ++d) sum += dor[d] * orow[d];
+        delta[i] = sum;
       }
       for (int64_t j0 = 0; j0 < Tk; j0 += kTileK) {
         const int64_t bk = std::min(kTileK, Tk - j0);
@@ -239,6 +251,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
         float* dk_j = dk_p + (bh * Tk + j0) * D;
         float* dv_j = dv_p + (bh * Tk + j0) * D;
         const int64_t first_q_tile = is_causal ? std::min(j0, Tq) / kTileQ : 0;  // earlier queries see none of it
+        float kv_beta = 0.f;  // dK/dV rows of this key tile: the first visiting query tile writes, later ones add
         for (int64_t qt = first_q_tile; qt < q_tiles; ++qt) {
           const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
           if (is_causal && i0 + bq - 1 < j0) continue;
@@ -250,12 +263,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             const int64_t i = i0 + r;
             float* pr = p.data() + r * kTileK;
             float* dsr = ds.data() + r * kTileK;
-            exp_row(pr, visible_keys(is_causal, i, j0, bk), lse_h[i]);  // P, 0 where masked
+            const int64_t visible = visible_keys(is_causal, i, j0, bk);
+            exp_row(pr, visible, lse_h[i]);  // P, 0 where masked
             const vfloat dl = simd::splat(delta[i]);
             if (drop.on) {
               float* wr = w.data() + r * kTileK;
               const uint64_t base = static_cast<uint64_t>((bh * Tq + i) * Tk + j0);
-              simd::dropout_factors(z.data(), bk, drop.seed, base, drop.p, drop.keep_scale);
+              simd::dropout_factors(z.data(), visible, drop.seed, base, drop.p, drop.keep_scale);
               for (int64_t j = 0; j < kTileK; j += kWidth) {
                 const vfloat pv = simd::load(pr + j), zv = simd::load(z.data() + j);
                 simd::store(wr + j, pv * zv);
@@ -267,9 +281,15 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             }
           }
           const float* wts = drop.on ? w.data() : p.data();
-          gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, 1.f, dv_j, D);          // dV += W^T dO
-          gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, 1.f, dk_j, D);       // dK += dS^T Q
-          gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, 1.f, dq_h + i0 * D, D);  // dQ += dS K
+          gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);      // dV += W^T dO
+          gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);   // dK += dS^T Q
+          kv_beta = 1.f;
+          // dQ += dS K; key tile 0 is every query tile's first (causal rows all see key 0).
+          gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 ? 0.f : 1.f, dq_h + i0 * D, D);
+        }
+        if (kv_beta == 0.f) {  // no query sees these keys (causal, Tk > Tq): their gradients are zero
+          std::fill(dk_j, dk_j + bk * D, 0.f);
+          std::fill(dv_j, dv_j + bk * D, 0.f);
         }
       }
     }

@@ -98,6 +98,45 @@ inline vfloat exp(vfloat x) {
 }
 
 // philox_uniform (philox.h) for the 16 offsets base .. base + 15, all lanes at once.
+#if defined(__AVX512F__)
+// 32x32 -> 64-bit products with vpmuludq on the even and the odd lanes (the generic version below widens to
+// 64-bit lanes, which GCC turns into slow 64x64 multiplies): bit-identical results, several times faster.
+inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, b);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);  // b is a splat: its odd lanes equal even
+  hi = _mm512_mask_blend_epi32(0xAAAA, _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mask_blend_epi32(0xAAAA, even, _mm512_slli_epi64(odd, 32));
+}
+
+inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  const __m512i base_lo = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(base)));
+  __m512i c0 = _mm512_add_epi32(base_lo, lane);
+  const __mmask16 carry = _mm512_cmplt_epu32_mask(c0, base_lo);  // the low word wrapped: carry into the high one
+  __m512i c1 = _mm512_mask_add_epi32(_mm512_set1_epi32(static_cast<int32_t>(base >> 32)), carry,
+                                     _mm512_set1_epi32(static_cast<int32_t>(base >> 32)), _mm512_set1_epi32(1));
+  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m512i round_a = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxRoundA));
+  const __m512i round_b = _mm512_set1_epi32(static_cast<int32_t>(kPhiloxRoundB));
+  for (int round = 0; round < 10; ++round) {
+    __m512i hi_b, lo_b, hi_a, lo_a;
+    mul_hi_lo(c2, round_b, hi_b, lo_b);
+    mul_hi_lo(c0, round_a, hi_a, lo_a);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(static_cast<int32_t>(k0)));
+    c1 = lo_b;
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(static_cast<int32_t>(k1)));
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  const __m512i folded = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));  // x < 0 ? ~x : x
+  const __m512 u = _mm512_mul_ps(_mm512_cvtepi32_ps(folded), _mm512_set1_ps(kPhiloxUniformScale));
+  vfloat out;
+  std::memcpy(&out, &u, sizeof out);
+  return out;
+}
+#else
 inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
   const vulong lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
   const vulong offset = lane + base;
@@ -121,6 +160,7 @@ inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
   x = x < 0 ? ~x : x;
   return __builtin_convertvector(x, vfloat) * kPhiloxUniformScale;
 }
+#endif
 
 // z[j] = (philox_uniform(seed, base + j) >= p) ? keep_value : 0 for j < n; z must have room for n rounded up to 16.
 inline void dropout_factors(float* z, int64_t n, uint64_t seed, uint64_t base, float p, float keep_value) {
