@@ -31,9 +31,10 @@ def resolve_device(name):
 
 
 def run(command, args, prog):
-    """Call command(args); a ChargptError becomes one line on stderr and exit status 1, never a traceback."""
+    """Call command(args); a ChargptError or a file-system error (an unwritable --out-dir, a full disk) becomes
+    one line on stderr and exit status 1, never a traceback."""
     try:
         return command(args)
-    except ChargptError as e:
+    except (ChargptError, OSError) as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
         return 1

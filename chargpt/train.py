@@ -288,6 +288,8 @@ def train(args):
     checkpoint = None
     if args.resume:
         checkpoint = load_checkpoint(out_dir / LAST)
+        if "optimizer" not in checkpoint:
+            raise ChargptError(f"{out_dir / LAST} holds weights only; --resume needs the ckpt.pt a run writes")
         if args.preset and args.preset != checkpoint["preset"]:
             raise ChargptError(f"--resume continues preset {checkpoint['preset']!r} from {out_dir / LAST}; "
                                f"drop --preset {args.preset}")
