@@ -15,9 +15,9 @@ import torch.nn.functional as F
 
 import kernels
 from chargpt import ChargptError
-from kernels.backends import triton_interpreted, unavailable_reason
+from kernels import backends
 
-KERNEL_CHOICES = kernels.backends.CHOICES  # eager, triton, ext, auto
+KERNEL_CHOICES = backends.CHOICES  # eager, triton, ext, auto
 
 
 @dataclass
@@ -43,25 +43,16 @@ def choose_kernels(requested, device_type, require_fused=False):
     Raises ChargptError with the reason when the backend cannot run here, or when `require_fused` (--fused) and
     auto would fall back to eager.
     """
-    if requested not in KERNEL_CHOICES:
-        raise ChargptError(f"unknown kernels backend {requested!r}; choose one of {', '.join(KERNEL_CHOICES)}")
-    if requested != "auto":
-        reason = unavailable_reason(requested)
-        if reason is None and requested == "triton" and device_type == "cpu" and not triton_interpreted():
-            reason = "Triton runs on CUDA tensors (or on CPU only with TRITON_INTERPRET=1)"
-        if reason is not None:
-            raise ChargptError(f"kernels backend {requested!r} is unavailable on {device_type}: {reason}")
-        return requested
-    fused = ("triton", "ext") if device_type == "cuda" else ("ext",)
-    reasons = {name: unavailable_reason(name) for name in fused}
-    for name in fused:
-        if reasons[name] is None:
-            return name
-    if require_fused:
-        why = "; ".join(f"{name}: {reason}" for name, reason in reasons.items())
+    try:
+        chosen = backends.select(requested, backends.ATTENTION, device_type, torch.float32)
+    except (ValueError, TypeError, backends.BackendUnavailable) as e:
+        raise ChargptError(str(e)) from None
+    if require_fused and chosen == "eager":
+        why = "; ".join(f"{name}: {backends.unavailable_reason(name)}"
+                        for name in backends.fused_candidates(device_type))
         raise ChargptError(f"--fused: no fused kernel backend runs on {device_type} here ({why}); "
                            f"use --kernels eager")
-    return "eager"
+    return chosen
 
 
 class CausalSelfAttention(nn.Module):

@@ -96,6 +96,11 @@ class _LazyModule:
 _IMPLS = {(name, op): _LazyModule(path) for name, paths in _MODULES.items() for op, path in enumerate(paths)}
 
 
+def fused_candidates(device_type):
+    """The fused backends `auto` tries for tensors on `device_type`, best first."""
+    return ("triton", "ext") if device_type == "cuda" else ("ext",)
+
+
 def _supports(name, op, device_type, dtype):
     if name == "eager":
         return True
@@ -115,8 +120,7 @@ def select(name, op, device_type, dtype):
     if name not in CHOICES:
         raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
     if name == "auto":
-        preferred = ("triton", "ext") if device_type == "cuda" else ("ext",)
-        name = next((candidate for candidate in preferred if unavailable_reason(candidate) is None
+        name = next((candidate for candidate in fused_candidates(device_type) if unavailable_reason(candidate) is None
                      and _supports(candidate, op, device_type, dtype)), "eager")
     reason = unavailable_reason(name)
     if reason is not None:

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import kernels
-from chargpt import ChargptError, model as model_module
+from chargpt import ChargptError
+from kernels import backends
 from chargpt.model import GPT, ModelConfig, build_model, choose_kernels
 from chargpt.presets import PRESETS, get_preset
 
@@ -141,10 +142,10 @@ def test_choose_kernels():
 
 
 def test_fused_stops_when_no_fused_backend(monkeypatch):
-    monkeypatch.setattr(model_module, "unavailable_reason",
+    monkeypatch.setattr(backends, "unavailable_reason",
                         lambda name: None if name == "eager" else f"{name} is not built")
     assert choose_kernels("auto", "cpu") == "eager"
     with pytest.raises(ChargptError, match="--fused: no fused kernel backend runs on cpu here .*ext is not built"):
         choose_kernels("auto", "cpu", require_fused=True)
-    with pytest.raises(ChargptError, match="'ext' is unavailable on cpu: ext is not built"):
+    with pytest.raises(ChargptError, match="'ext' is unavailable: ext is not built"):
         choose_kernels("ext", "cpu")
