@@ -9,9 +9,12 @@ loss per run, and each run's tokens/s relative to eager.
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 VARIANTS = {  # name -> extra chargpt.train flags
     "eager": ["--kernels", "eager"],
@@ -35,9 +38,16 @@ def train(out_dir, preset, flags, iters, data):
     return json.loads((out_dir / "summary.json").read_text())
 
 
+def machine():
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+
+
 def markdown(results, preset):
     eager = results.get("eager", {}).get("tokens_per_sec")
-    lines = [f"| run ({preset}) | iters | wall s | tokens/s | vs eager | best val loss | kernels |",
+    lines = [f"Machine: {machine()}. tokens/s leaves out the first (compile/warm-up) step and the evaluations.", "",
+             f"| run ({preset}) | iters | wall s | tokens/s | vs eager | best val loss | kernels |",
              "|---|---:|---:|---:|---:|---:|---|"]
     for name, r in results.items():
         if "error" in r:

@@ -9,6 +9,8 @@ import torch.nn.functional as F
 from kernels import backends
 
 MAX_HEAD_DIM = 256
+# Held at import, so the fallback still reaches torch after a user swaps F.scaled_dot_product_attention for ours.
+_torch_sdpa = F.scaled_dot_product_attention
 _warned = set()
 
 
@@ -93,7 +95,7 @@ def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.
     """
     if not _float_tensors_ok(query, key, value):
         _check_float_tensors("scaled_dot_product_attention", query=query, key=key, value=value)
-    torch_sdpa = lambda: F.scaled_dot_product_attention(  # noqa: E731
+    torch_sdpa = lambda: _torch_sdpa(  # noqa: E731
         query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
         enable_gqa=enable_gqa)
     if attn_mask is not None:

@@ -1,6 +1,7 @@
 """Every fused attention backend against the float64 eager reference, forward and backward."""
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -140,6 +141,19 @@ def test_sdpa_dropin_folds_leading_dims_and_falls_back_with_one_warning(recwarn)
     with pytest.warns(UserWarning, match="head dim"):
         out = kernels.scaled_dot_product_attention(big, big, big)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(big, big, big))
+
+
+def test_sdpa_can_replace_torchs_own(monkeypatch):
+    """Code that calls F.scaled_dot_product_attention can be pointed at ours; the fallback must not recurse."""
+    original = F.scaled_dot_product_attention
+    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
+    q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
+    mask = torch.ones(9, 9, dtype=torch.bool).tril()
+    with warnings.catch_warnings():  # the fallback warns once per process: maybe here, maybe earlier
+        warnings.simplefilter("ignore")
+        masked = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    torch.testing.assert_close(masked, original(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(F.scaled_dot_product_attention(q, k, v, is_causal=True), masked, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ("eager",) + FUSED_BACKENDS)
