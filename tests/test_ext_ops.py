@@ -1,6 +1,10 @@
 """The `ext` backend's own contract: the raw chargpt ops pass torch.library.opcheck, run under
 torch.compile(fullgraph=True), give the same bits for 1 and 2 threads, and reject bad input with a message."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.nn as nn
@@ -155,3 +159,22 @@ def test_causal_with_more_queries_than_keys_and_long_rows():
         torch.testing.assert_close(out.double(), ref, rtol=1e-5, atol=1e-5)
         for a, r in zip(grads, ref_grads):
             torch.testing.assert_close(a.double(), r, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("how", ["switched-off", "build-fails"])
+def test_kernels_work_without_the_extension(tmp_path, how):
+    """No extension: `import kernels` still works, 'ext' is not listed, and asking for it says why."""
+    env = dict(os.environ, CHARGPT_EXT_DIR=str(tmp_path / "ext"))
+    if how == "switched-off":
+        env["CHARGPT_EXT"] = "0"
+    else:  # a fresh build folder and a compiler that always fails
+        env["CXX"] = "false"
+    code = ("import torch, kernels\n"
+            "print(kernels.available_backends())\n"
+            "y = kernels.layer_norm(torch.randn(2, 4), (4,))\n"  # auto falls back to eager
+            "kernels.layer_norm(torch.randn(2, 4), (4,), backend='ext')\n")
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode != 0
+    assert "'ext'" not in run.stdout.splitlines()[0] and "'eager'" in run.stdout, run.stdout
+    last = run.stderr.strip().splitlines()[-1]
+    assert last.startswith("kernels.backends.BackendUnavailable: kernels backend 'ext' is unavailable"), last
