@@ -3,15 +3,13 @@
 FLOPs per call follow FlashAttention's convention: causal forward 2*B*H*T^2*D (half of the full 4*B*H*T^2*D),
 backward 2.5x the forward."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from bench.common import DEVICE, skip_unless_runnable
+from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (B, H, T, D, dropout_p)
 if DEVICE == "cuda":
@@ -26,16 +24,11 @@ else:
 CASES = [(shape, backend) for shape in SHAPES for backend in BACKENDS]  # the baseline runs first for each shape
 
 
-@functools.cache
-def compiled_reference():
-    return torch.compile(reference.attention)
-
-
 def attention_fn(backend):
     if backend == "torch":
         return lambda q, k, v, p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     if backend == "torch.compile":
-        return lambda q, k, v, p: compiled_reference()(q, k, v, True, p)
+        return lambda q, k, v, p: compiled(reference.attention)(q, k, v, True, p)
     return lambda q, k, v, p: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
 
 

@@ -3,15 +3,13 @@
 Bytes per call count the compulsory traffic: forward reads x and writes y; backward reads x and dy and writes
 dx (weights and the per-row statistics are small next to them)."""
 
-import functools
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from bench.common import DEVICE, skip_unless_runnable
+from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (rows, N, dtype)
 if DEVICE == "cuda":
@@ -24,16 +22,11 @@ else:
 CASES = [(shape, backend) for shape in SHAPES for backend in BACKENDS]  # the baseline runs first for each shape
 
 
-@functools.cache
-def compiled_reference():
-    return torch.compile(reference.layer_norm)
-
-
 def layer_norm_fn(backend):
     if backend == "torch":
         return lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)
     if backend == "torch.compile":
-        return lambda x, w, b: compiled_reference()(x, w, b)
+        return lambda x, w, b: compiled(reference.layer_norm)(x, w, b)
     return lambda x, w, b: kernels.layer_norm(x, x.shape[-1:], w, b, backend=backend)
 
 

@@ -1,5 +1,7 @@
 """Helpers the benchmark files share."""
 
+import functools
+
 import pytest
 import torch
 
@@ -19,3 +21,9 @@ def skip_unless_runnable(backend):
         pytest.skip(f"backend {backend} unavailable: {reason}")
     if backend == "triton" and (DEVICE != "cuda" or triton_interpreted()):
         pytest.skip("Triton is only timed on a GPU, never under the interpreter")
+
+
+@functools.cache
+def compiled(fn):
+    """torch.compile of `fn`, built once per process: the `torch.compile` baseline of the eager reference."""
+    return torch.compile(fn)
