@@ -5,7 +5,10 @@
 #   bash bench/gpu_check.sh OUTDIR [CORPUS]      # about 9 minutes on an H100
 #
 # CORPUS defaults to ../shared/data/tinyshakespeare/input.txt. E2E_ITERS (default 300) caps each compared
-# training run; FULL_RUN=1 adds the gpt preset's full 5000-iteration --fused run.
+# training run of preset E2E_PRESET (default gpt); FULL_RUN=1 adds that preset's full --fused run (gpt: 5000
+# iterations, the val-loss figure). PYTEST_ADDOPTS narrows the tests and benchmarks (e.g. -k layer_norm).
+# The lent GPU machine gets the checkout only, not ../shared: copy the corpus into an ignored folder of the repo
+# (e.g. .gpu-data/, listed in .git/info/exclude), carry it, and pass .gpu-data/input.txt as CORPUS.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [CORPUS]}
 cd "$(dirname "$0")/.."
@@ -28,7 +31,7 @@ step versions python3 -c "import torch, triton, kernels; print('torch', torch.__
 step tests python3 -m pytest tests -q -ra --junitxml "$out/tests.xml"
 step bench python3 -m pytest bench --benchmark-only -q --benchmark-json "$out/bench.json"
 step report python3 -m bench.report "$out/bench.json" --out "$out"
-e2e_flags=(--out "$out/e2e" --preset gpt --iters "${E2E_ITERS:-300}")
+e2e_flags=(--out "$out/e2e" --preset "${E2E_PRESET:-gpt}" --iters "${E2E_ITERS:-300}")
 [ -f "$corpus" ] && e2e_flags+=(--data "$corpus")
 [ "${FULL_RUN:-0}" = 1 ] && e2e_flags+=(--full-fused)
 step e2e python3 -m bench.e2e "${e2e_flags[@]}"
