@@ -12,7 +12,8 @@
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [CORPUS]}
 cd "$(dirname "$0")/.."
-corpus=${2:-../shared/data/tinyshakespeare/input.txt}
+corpus=$(realpath -m "${2:-../shared/data/tinyshakespeare/input.txt}")
+export CHARGPT_CORPUS="$corpus"  # the tests that need the corpus read it from here
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 failed=()

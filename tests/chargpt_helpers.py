@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
-CORPUS = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+# CHARGPT_CORPUS points elsewhere, e.g. on a lent GPU machine, where ../shared does not travel.
+CORPUS = Path(os.environ.get("CHARGPT_CORPUS", REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
 NO_CORPUS = f"the tiny shakespeare corpus is not at {CORPUS} (the project's shared data folder)"
 
 
