@@ -25,7 +25,9 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.backends import triton_interpreted
+from kernels.backends import fix_interpreter_loop_bounds, triton_interpreted, wrap_triton
+
+fix_interpreter_loop_bounds()
 
 SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
 LOG2_E = 1.4426950408889634
@@ -451,7 +453,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: O
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
     kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    torch.library.wrap_triton(kernel)[grid](
+    wrap_triton(kernel)[grid](
         q, k, v, out, lse, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
         heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p),
         IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
@@ -469,7 +471,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     block_d = head_dim_block(head_dim)
     delta = torch.empty_like(lse)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    torch.library.wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M) * batch * heads,)](
+    wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M) * batch * heads,)](
         out, grad_out, delta, *_bht_strides(out), *_bht_strides(grad_out), heads, t_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
@@ -478,12 +480,12 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out))
     dkdv = _autotuned("dkdv", _attention_backward_dkdv, q, max(t_q, t_k), dropout_p > 0.0)
     grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
-    torch.library.wrap_triton(dkdv)[grid](
+    wrap_triton(dkdv)[grid](
         q, k, v, grad_out, lse, delta, dk, dv, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv), *scalars,
         **common)
     dq_kernel = _autotuned("dq", _attention_backward_dq, q, max(t_q, t_k), dropout_p > 0.0)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
-    torch.library.wrap_triton(dq_kernel)[grid](
+    wrap_triton(dq_kernel)[grid](
         q, k, v, grad_out, lse, delta, dq, seed, *inputs, *_bht_strides(dq), *scalars, **common)
     return dq, dk, dv
 

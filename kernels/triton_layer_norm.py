@@ -17,6 +17,10 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.backends import fix_interpreter_loop_bounds, wrap_triton
+
+fix_interpreter_loop_bounds()
+
 SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
 MAX_N = 65536
 MAX_BLOCK_N = 4096  # widest row kept in registers; longer rows are swept in blocks of this size
@@ -183,7 +187,7 @@ def layer_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     mean = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
     rstd = torch.empty_like(mean)
-    torch.library.wrap_triton(_layer_norm_forward)[(triton.cdiv(n_rows, block_m),)](
+    wrap_triton(_layer_norm_forward)[(triton.cdiv(n_rows, block_m),)](
         x, y, weight, bias, mean, rstd, x.stride(0), y.stride(0), n_rows, n_cols, eps,
         HAS_WEIGHT=weight is not None, HAS_BIAS=bias is not None, SINGLE_BLOCK=n_cols <= block_n,
         BLOCK_M=block_m, BLOCK_N=block_n, num_warps=num_warps)
@@ -205,7 +209,7 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[
     partial = lambda wanted: (new_partial((programs, n_cols), device=x.device, dtype=torch.float32)  # noqa: E731
                               if wanted else None)
     dw_partial, db_partial = partial(weight is not None), partial(has_bias)
-    torch.library.wrap_triton(_layer_norm_backward)[(programs,)](
+    wrap_triton(_layer_norm_backward)[(programs,)](
         grad_y, x, weight, mean, rstd, dx, dw_partial, db_partial, grad_y.stride(0), x.stride(0), dx.stride(0),
         n_rows, n_cols, rows_per_program,
         HAS_WEIGHT=weight is not None, HAS_BIAS=has_bias, SINGLE_BLOCK=single_block,
