@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.backends import fix_interpreter_loop_bounds, wrap_triton
+from kernels.triton_compat import fix_interpreter_loop_bounds, wrap_triton
 
 fix_interpreter_loop_bounds()
 
