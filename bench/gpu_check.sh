@@ -9,6 +9,7 @@
 # iterations, the val-loss figure). PYTEST_ADDOPTS narrows the tests and benchmarks (e.g. -k layer_norm).
 # The lent GPU machine gets the checkout only, not ../shared: copy the corpus into an ignored folder of the repo
 # (e.g. .gpu-data/, listed in .git/info/exclude), carry it, and pass .gpu-data/input.txt as CORPUS.
+# STEPS (default "tests bench e2e") picks what runs, to split the check over calls with a time limit.
 set -uo pipefail
 out=${1:?usage: bash bench/gpu_check.sh OUTDIR [CORPUS]}
 cd "$(dirname "$0")/.."
@@ -17,8 +18,10 @@ export CHARGPT_CORPUS="$corpus"  # the tests that need the corpus read it from h
 mkdir -p "$out"
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 failed=()
+steps=" ${STEPS:-tests bench e2e} "
 step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures, keep going
   local name=$1; shift
+  case $name in versions|report) ;; *) [[ $steps == *" $name "* ]] || return 0 ;; esac
   echo "== $name: $*"
   local start=$SECONDS
   "$@" > "$out/$name.log" 2>&1 || failed+=("$name")
@@ -31,7 +34,7 @@ step versions python3 -c "import torch, triton, kernels; print('torch', torch.__
  'gpu', torch.cuda.get_device_name(), 'backends', kernels.available_backends())"
 step tests python3 -m pytest tests -q -ra --junitxml "$out/tests.xml"
 step bench python3 -m pytest bench --benchmark-only -q --benchmark-json "$out/bench.json"
-step report python3 -m bench.report "$out/bench.json" --out "$out"
+[ -f "$out/bench.json" ] && step report python3 -m bench.report "$out/bench.json" --out "$out"
 e2e_flags=(--out "$out/e2e" --preset "${E2E_PRESET:-gpt}" --iters "${E2E_ITERS:-300}")
 [ -f "$corpus" ] && e2e_flags+=(--data "$corpus")
 [ "${FULL_RUN:-0}" = 1 ] && e2e_flags+=(--full-fused)
