@@ -30,7 +30,8 @@ from kernels.triton_compat import fix_interpreter_loop_bounds, wrap_triton
 
 fix_interpreter_loop_bounds()
 
-SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+# CPU means the Triton interpreter, where bfloat16 arithmetic is broken (float16 works).
+SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float16)}
 LOG2_E = 1.4426950408889634
 
 

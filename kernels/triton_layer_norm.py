@@ -21,7 +21,8 @@ from kernels.triton_compat import fix_interpreter_loop_bounds, wrap_triton
 
 fix_interpreter_loop_bounds()
 
-SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+# CPU means the Triton interpreter, where bfloat16 arithmetic is broken (float16 works).
+SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float16)}
 MAX_N = 65536
 MAX_BLOCK_N = 4096  # widest row kept in registers; longer rows are swept in blocks of this size
 TILE_ELEMENTS = 4096  # rows per program tile: as many as fill this many elements (short rows share a program)

@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from kernels import backends  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
 
 FUSED_BACKENDS = ("triton", "ext")
@@ -18,20 +19,26 @@ TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfl
 
 
 def device_dtype_params():
-    """(device, dtype) pairs to test: float32 on CPU, and float32/16/bf16 on CUDA when there is one."""
-    params = [pytest.param("cpu", torch.float32, id="cpu-fp32")]
+    """(device, dtype) pairs to test: float32 (and float16 where a backend takes it) on CPU, and float32/16/bf16
+    on CUDA when there is one."""
+    params = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
     if torch.cuda.is_available():
         params += [pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}")
                    for dt in (torch.float32, torch.float16, torch.bfloat16)]
     return params
 
 
-def require_backend(name, device):
+def require_backend(name, device, dtype=torch.float32):
     reason = unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
     if name == "triton" and device == "cpu" and torch.cuda.is_available():
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, which this CUDA run does not set")
+    for op in (backends.LAYER_NORM, backends.ATTENTION):
+        try:
+            backends.select(name, op, device, dtype)
+        except TypeError as unsupported:
+            pytest.skip(str(unsupported))
 
 
 def assert_close(actual, expected, dtype, what):

@@ -50,7 +50,7 @@ def run_both(backend, q, k, v, is_causal, dropout_p=0.0, scale=None, mask=None):
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference(backend, device, dtype, is_causal, shape):
-    require_backend(backend, device)
+    require_backend(backend, device, dtype)
     q, k, v = make_qkv(*shape, device, dtype, seed=hash((shape, is_causal)) % 2**31)
     got, want = run_both(backend, q, k, v, is_causal)
     assert got[0].dtype == dtype and got[0].shape == want[0].shape
@@ -61,7 +61,7 @@ def test_matches_reference(backend, device, dtype, is_causal, shape):
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_custom_scale_and_causal_attention_api(backend, device, dtype):
-    require_backend(backend, device)
+    require_backend(backend, device, dtype)
     q, k, v = make_qkv(2, 2, 33, 33, 48, device, dtype, seed=5)
     out = kernels.causal_attention(q, k, v, scale=0.3, backend=backend)
     ref = reference.attention(q.double(), k.double(), v.double(), True, scale=0.3)
@@ -73,7 +73,7 @@ def test_custom_scale_and_causal_attention_api(backend, device, dtype):
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
 def test_dropout_uses_the_specified_mask(backend, device, dtype, is_causal):
     """The kernel's dropout is exactly the Philox mask of kernels.reference: checked on output and gradients."""
-    require_backend(backend, device)
+    require_backend(backend, device, dtype)
     b, h, t, d, p = 2, 3, 37, 24, 0.3
     q, k, v = make_qkv(b, h, t, t, d, device, dtype, seed=11)
     torch.manual_seed(1234)

@@ -33,7 +33,7 @@ def make_inputs(lead, n, device, dtype, weight, bias, seed, contiguous=True):
 @pytest.mark.parametrize("weight,bias", AFFINE, ids=["wb", "w", "b", "none"])
 @pytest.mark.parametrize("n", [1, 7, 384, 1000, 4099])
 def test_matches_reference(backend, device, dtype, weight, bias, n):
-    require_backend(backend, device)
+    require_backend(backend, device, dtype)
     x, w, b = make_inputs((3, 5), n, device, dtype, weight, bias, seed=n, contiguous=(n % 2 == 0))
     with kernels.use_backend(backend):
         y = kernels.layer_norm(x, (n,), w, b, eps=1e-5)
