@@ -10,9 +10,14 @@
 // Dropout: keep iff philox_uniform(seed, ((b*H + h)*Tq + i)*Tk + j) >= p (../philox.h), the seed read from device
 // memory inside the kernels (no host sync), regenerated in the backward.
 // Head dims are bucketed to 64/128/256 (DPL = dims per lane 2/4/8); padding dims are zero.
+// Tensor cores: fp16/bf16 with d a multiple of 16 up to 128 on sm_80+ take attention_fwd_tc_kernel (WMMA, fp32
+// accumulation, the same masking, softmax bookkeeping and dropout); the backward is SIMT for every input.
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream is what at::cuda:: re-exports; this header
                                    // avoids ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers
 #include <c10/cuda/CUDAGuard.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <mma.h>
 #include <torch/library.h>
 
 #include "../checks.h"
@@ -132,6 +137,170 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
     }
     if (lane == 0) lse[bh * tq + i] = m[r] + logf(l[r]);
   }
+}
+
+// Tensor-core forward for fp16/bf16 and head dims d = 16, 32, ..., 128 (bucketed to kD = 64 or 128; padding dims
+// are zero, so they add nothing to the dot products). WMMA 16x16x16 fragments, fp32 accumulation. Tiling:
+//   a block of 4 warps owns kBq = 64 query rows, warp w rows 16w .. 16w+15 (its Q stays in q_s for the whole pass);
+//   key/value tiles of kBk = 32 rows are staged in shared memory in T and shared by all warps. Per tile, warp w
+//   1. S (16 x 32) = Q_w K^T with WMMA, stored fp32 to its s_s slice;
+//   2. online softmax in fp32, as in attention_fwd_kernel, but with a lane pair per row (row = lane/2, each lane
+//      of the pair holds 16 of the 32 keys, max/sum reduced with one shuffle): running max m, running sum l
+//      (before dropout), P = exp(S*scale - m) dropped with the same Philox offsets, written to p_s in T;
+//   3. O_w (16 x kD) = alpha * O_w + P V, the P V product per 16-column chunk through WMMA, stored to s_s (free
+//      again) and added by the lane that owns those elements: lane owns row lane/2, columns 8*(lane%2) .. +7 of
+//      every chunk (acc[chunk][e], in registers), so the per-row rescale alpha is that lane's own m/l bookkeeping.
+// Every WMMA call is made by all 32 lanes (no early exit): rows past tq or keys that are masked just give P = 0.
+template <int kD>
+struct TcFwdConfig {
+  static constexpr int kBq = 16 * kWarps;
+  static constexpr int kBk = 32;
+  static constexpr int kHalf = kBk / 2;  // keys per lane of a row's lane pair
+  static constexpr int kChunks = kD / 16;
+  static constexpr int kLdT = kD + 8;    // row pitch (elements) of q_s/k_s/v_s: +16 B against bank conflicts
+  static constexpr int kLdS = kBk + 4;   // fp32 row pitch of s_s (a multiple of 4, as WMMA needs for float)
+  static constexpr int kLdP = kBk + 8;   // row pitch of p_s (a multiple of 8, as WMMA needs for 16-bit types)
+};
+
+template <typename T>
+struct WmmaType;  // the CUDA type WMMA takes for a torch 16-bit type: same size, same bits
+template <>
+struct WmmaType<at::Half> { using type = __half; };
+template <>
+struct WmmaType<at::BFloat16> { using type = __nv_bfloat16; };
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
+    float* __restrict__ lse, HeadStrides sq, HeadStrides sk, HeadStrides sv, int heads, int64_t tq, int64_t tk,
+    int d, float scale, bool causal, DropoutArgs drop) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA needs sm_80; the host launches this only there
+  namespace wmma = nvcuda::wmma;
+  using C = TcFwdConfig<kD>;
+  using W = typename WmmaType<T>::type;
+  // 48 KB for kD = 128 (the static limit); every WMMA pointer below is 32-byte aligned: the pitches times 16 rows
+  // and the 16-column offsets are multiples of 32 bytes.
+  __shared__ __align__(128) T q_s[C::kBq][C::kLdT];
+  __shared__ __align__(128) T k_s[C::kBk][C::kLdT];
+  __shared__ __align__(128) T v_s[C::kBk][C::kLdT];
+  __shared__ __align__(128) float s_s[kWarps][16][C::kLdS];
+  __shared__ __align__(128) T p_s[kWarps][16][C::kLdP];
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * C::kBq;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int row = lane / 2, side = lane % 2;  // this lane's row of the warp's 16, and its half of keys / columns
+  const int64_t i = i0 + warp * 16 + row;
+  const T* qh = q + b * sq.b + h * sq.h;
+  const T* kh = k + b * sk.b + h * sk.h;
+  const T* vh = v + b * sv.b + h * sv.h;
+  for (int idx = threadIdx.x; idx < C::kBq * kD; idx += kThreads) {
+    const int r = idx / kD, c = idx % kD;
+    const int64_t ir = i0 + r;
+    q_s[r][c] = (ir < tq && c < d) ? qh[ir * sq.t + c] : from_float<T>(0.f);  // unscaled: scale is applied to S
+  }
+  const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
+  float m = -INFINITY, l = 0.f, acc[C::kChunks][8];
+#pragma unroll
+  for (int n = 0; n < C::kChunks; ++n)
+#pragma unroll
+    for (int e = 0; e < 8; ++e) acc[n][e] = 0.f;
+  const int64_t key_end = causal ? min(tk, i0 + C::kBq) : tk;  // causal: later key tiles are never loaded
+  for (int64_t j0 = 0; j0 < key_end; j0 += C::kBk) {
+    __syncthreads();  // the previous tile is consumed (and q_s is complete on the first pass)
+    for (int idx = threadIdx.x; idx < C::kBk * kD; idx += kThreads) {
+      const int jj = idx / kD, c = idx % kD;
+      const int64_t j = j0 + jj;
+      const bool ok = j < tk && c < d;
+      k_s[jj][c] = ok ? kh[j * sk.t + c] : from_float<T>(0.f);
+      v_s[jj][c] = ok ? vh[j * sv.t + c] : from_float<T>(0.f);
+    }
+    __syncthreads();
+    // 1. S = Q_w K^T: K is stored [key][dim] row-major, which is K^T column-major with the same pitch.
+#pragma unroll
+    for (int kc = 0; kc < C::kBk / 16; ++kc) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
+      wmma::fill_fragment(s_frag, 0.f);
+#pragma unroll
+      for (int dc = 0; dc < C::kChunks; ++dc) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bk;
+        wmma::load_matrix_sync(a, reinterpret_cast<const W*>(&q_s[warp * 16][dc * 16]), C::kLdT);
+        wmma::load_matrix_sync(bk, reinterpret_cast<const W*>(&k_s[kc * 16][dc * 16]), C::kLdT);
+        wmma::mma_sync(s_frag, a, bk, s_frag);
+      }
+      wmma::store_matrix_sync(&s_s[warp][0][kc * 16], s_frag, C::kLdS, wmma::mem_row_major);
+    }
+    __syncwarp();
+    // 2. Online softmax for row i over keys j0 + 16*side + t (the SIMT kernel's bookkeeping, pair-reduced).
+    float s[C::kHalf];
+    float tile_max = -INFINITY;
+#pragma unroll
+    for (int t = 0; t < C::kHalf; ++t) {
+      const int jj = side * C::kHalf + t;
+      const int64_t j = j0 + jj;
+      const bool visible = i < tq && j < tk && (!causal || j <= i);
+      s[t] = visible ? s_s[warp][row][jj] * scale : -INFINITY;
+      tile_max = fmaxf(tile_max, s[t]);
+    }
+    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1)));
+    // A row that has seen no visible key yet (m_new = -inf; also rows past tq) keeps m = -inf, l = 0, acc = 0:
+    // exponentiating against 0 instead of -inf gives p = 0 and alpha = 0 without NaNs (the SIMT kernel skips it).
+    const float m_ref = m_new == -INFINITY ? 0.f : m_new;
+    const float alpha = expf(m - m_ref);  // 0 on the first visible tile
+    float p_sum = 0.f;
+#pragma unroll
+    for (int t = 0; t < C::kHalf; ++t) {
+      s[t] = expf(s[t] - m_ref);  // exp(-inf) = 0 for masked keys
+      p_sum += s[t];
+    }
+    l = l * alpha + p_sum + __shfl_xor_sync(kFullMask, p_sum, 1);  // before dropout: softmax first, then drop
+    m = m_new;
+#pragma unroll
+    for (int t = 0; t < C::kHalf; ++t) {
+      const int jj = side * C::kHalf + t;
+      // Dropped weights become 0 here; the kept ones are scaled by 1/(1-p) in fp32 in step 3 (p_s holds T, and
+      // 1/(1-p) may not fit in fp16).
+      const bool kept = s[t] > 0.f && dropout_factor(drop, seed, (bh * tq + i) * tk + (j0 + jj)) != 0.f;
+      p_s[warp][row][jj] = from_float<T>(kept ? s[t] : 0.f);
+    }
+    __syncwarp();  // p_s is complete and every lane has read s_s, which is scratch from here on
+    // 3. O_w = alpha * O_w + P V, one 16-column chunk of V at a time.
+#pragma unroll
+    for (int n = 0; n < C::kChunks; ++n) {
+      wmma::fragment<wmma::accumulator, 16, 16, 16, float> o_frag;
+      wmma::fill_fragment(o_frag, 0.f);
+#pragma unroll
+      for (int kk = 0; kk < C::kBk / 16; ++kk) {
+        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> a;
+        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> bv;
+        wmma::load_matrix_sync(a, reinterpret_cast<const W*>(&p_s[warp][0][kk * 16]), C::kLdP);
+        wmma::load_matrix_sync(bv, reinterpret_cast<const W*>(&v_s[kk * 16][n * 16]), C::kLdT);
+        wmma::mma_sync(o_frag, a, bv, o_frag);
+      }
+      wmma::store_matrix_sync(&s_s[warp][0][0], o_frag, C::kLdS, wmma::mem_row_major);
+      __syncwarp();
+#pragma unroll
+      for (int e = 0; e < 8; ++e)
+        acc[n][e] = acc[n][e] * alpha + s_s[warp][row][side * 8 + e] * drop.keep_scale;
+      __syncwarp();  // read before the next chunk overwrites the scratch
+    }
+  }
+  if (i < tq) {
+    const float inv = __fdividef(1.f, l);  // l >= 1: key 0 is visible to every row
+    T* orow = out + (bh * tq + i) * d;
+#pragma unroll
+    for (int n = 0; n < C::kChunks; ++n)
+#pragma unroll
+      for (int e = 0; e < 8; ++e) {
+        const int col = n * 16 + side * 8 + e;
+        if (col < d) orow[col] = from_float<T>(acc[n][e] * inv);
+      }
+    if (side == 0) lse[bh * tq + i] = m + logf(l);
+  }
+#else
+  __trap();  // never launched below sm_80 (use_tensor_cores); a build with only older PTX must not fail silently
+#endif
 }
 
 // delta[i] = sum_d dO[i, d] * O[i, d], one warp per row.
@@ -318,6 +487,15 @@ void check_grid(int64_t bh, int64_t tiles, const char* op) {
               " sequence tiles exceed the CUDA grid limits");
 }
 
+// The tensor-core forward takes fp16/bf16 (checked by the caller) with d a multiple of 16 up to 128, on sm_80+
+// (bf16 WMMA; the kernel body is compiled only there). Anything else takes the SIMT kernel.
+bool use_tensor_cores(const at::Tensor& q, int64_t d) {
+  if (d % 16 != 0 || d > 128) return false;
+  int major = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
+  return major >= 8;
+}
+
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool is_causal, double dropout_p,
                                                       double scale, const std::optional<at::Tensor>& seed) {
@@ -332,6 +510,23 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
   auto stream = c10::cuda::getCurrentCUDAStream();
   dispatch_float_types(q.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
+    if constexpr (!std::is_same_v<T, float>) {
+      if (use_tensor_cores(q, D)) {
+        const auto launch = [&](auto kd) {
+          constexpr int kD = decltype(kd)::value;
+          const int64_t tiles = (Tq + TcFwdConfig<kD>::kBq - 1) / TcFwdConfig<kD>::kBq;
+          check_grid(B * H, tiles, op);
+          attention_fwd_tc_kernel<T, kD><<<dim3(B * H, tiles), kThreads, 0, stream>>>(
+              q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+              lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), H, Tq, Tk, D,
+              static_cast<float>(scale), is_causal, drop);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        };
+        if (D <= 64) launch(std::integral_constant<int, 64>{});
+        else launch(std::integral_constant<int, 128>{});
+        return;
+      }
+    }
     dispatch_head_dim(D, [&](auto dpl) {
       constexpr int kDpl = decltype(dpl)::value;
       const int64_t tiles = (Tq + FwdConfig<kDpl>::kBq - 1) / FwdConfig<kDpl>::kBq;
