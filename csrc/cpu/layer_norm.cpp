@@ -58,35 +58,40 @@ inline void rows_moments(const float* const* x, int64_t n, float* mean_out, floa
     for (int r = 0; r < R; ++r)
       for (int a = 0; a < 4; ++a) {
         const vfloat d = simd::load(x[r] + j + a * kWidth) - mu[r];
-        sq[r][a] += d * d;
+        sq[r][a] = simd::fma(d, d, sq[r][a]);
       }
   for (int64_t j = nb; j < nv; j += kWidth)
     for (int r = 0; r < R; ++r) {
       const vfloat d = simd::load(x[r] + j) - mu[r];
-      sq[r][0] += d * d;
+      sq[r][0] = simd::fma(d, d, sq[r][0]);
     }
   for (int r = 0; r < R; ++r) {
     float m2 = simd::reduce_add((sq[r][0] + sq[r][1]) + (sq[r][2] + sq[r][3]));
-    for (int64_t j = nv; j < n; ++j) m2 += (x[r][j] - mu[r]) * (x[r][j] - mu[r]);
+    for (int64_t j = nv; j < n; ++j) m2 = std::fma(x[r][j] - mu[r], x[r][j] - mu[r], m2);
     mean_out[r] = mu[r];
     m2_out[r] = m2;
   }
 }
 
+// y = (x - mean) * rstd * w + b over one row, prefetching the row `ahead` (one cache line per vector).
 template <bool kWeight, bool kBias, bool kStream>
-void normalize_row(const float* x, float* y, const float* w, const float* b, int64_t n, float mean, float rstd) {
+void normalize_row(const float* x, float* y, const float* w, const float* b, int64_t n, float mean, float rstd,
+                   const float* ahead) {
   const int64_t nv = n / kWidth * kWidth;
   for (int64_t j = 0; j < nv; j += kWidth) {
+    simd::prefetch(ahead + j);
     vfloat v = (simd::load(x + j) - mean) * rstd;
-    if constexpr (kWeight) v *= simd::load(w + j);
-    if constexpr (kBias) v += simd::load(b + j);
+    if constexpr (kWeight && kBias) v = simd::fma(v, simd::load(w + j), simd::load(b + j));
+    else if constexpr (kWeight) v *= simd::load(w + j);
+    else if constexpr (kBias) v += simd::load(b + j);
     if constexpr (kStream) simd::store_stream(y + j, v);
     else simd::store(y + j, v);
   }
   for (int64_t j = nv; j < n; ++j) {
     float v = (x[j] - mean) * rstd;
-    if constexpr (kWeight) v *= w[j];
-    if constexpr (kBias) v += b[j];
+    if constexpr (kWeight && kBias) v = std::fma(v, w[j], b[j]);
+    else if constexpr (kWeight) v *= w[j];
+    else if constexpr (kBias) v += b[j];
     y[j] = v;
   }
 }
@@ -97,14 +102,16 @@ void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w
   const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / n);
   const bool stream = streaming_output(m, n);
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    auto finish = [&](int64_t r, float mu, float m2) {  // statistics stored, row normalised
+    // Statistics stored, row r normalised, and the row `distance` rows on prefetched.
+    auto finish = [&](int64_t r, float mu, float m2, int64_t distance) {
       const float* xr = x + r * x_row_stride;
+      const float* ahead = r + distance < end ? xr + distance * x_row_stride : xr;
       const float rs = 1.f / std::sqrt(m2 / static_cast<float>(n) + eps);
       mean[r] = mu;
       rstd[r] = rs;
       float* yr = y + r * n;
-      if (stream && simd::aligned64(yr)) normalize_row<kWeight, kBias, true>(xr, yr, w, b, n, mu, rs);
-      else normalize_row<kWeight, kBias, false>(xr, yr, w, b, n, mu, rs);
+      if (stream && simd::aligned64(yr)) normalize_row<kWeight, kBias, true>(xr, yr, w, b, n, mu, rs, ahead);
+      else normalize_row<kWeight, kBias, false>(xr, yr, w, b, n, mu, rs, ahead);
     };
     constexpr int kRows = 4;
     int64_t r = begin;
@@ -114,14 +121,14 @@ void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w
         float mu[kRows], m2[kRows];
         for (int i = 0; i < kRows; ++i) rows[i] = x + (r + i) * x_row_stride;
         rows_moments<kRows>(rows, n, mu, m2);
-        for (int i = 0; i < kRows; ++i) finish(r + i, mu[i], m2[i]);
+        for (int i = 0; i < kRows; ++i) finish(r + i, mu[i], m2[i], kRows);
       }
     }
     for (; r < end; ++r) {
       const float* row = x + r * x_row_stride;
       float mu, m2;
       rows_moments<1>(&row, n, &mu, &m2);
-      finish(r, mu, m2);
+      finish(r, mu, m2, 1);
     }
     if (stream) simd::stream_fence();
   });
@@ -176,7 +183,7 @@ inline void backward_rows(const float* const* x, const float* const* g, const fl
       const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
       const vfloat gw = kWeight ? simd::load(g[r] + j) * wv : simd::load(g[r] + j);
       sum_gw[r] += gw;
-      sum_gwx[r] += gw * xhat;
+      sum_gwx[r] = simd::fma(gw, xhat, sum_gwx[r]);
     }
   }
   const float inv_n = 1.f / static_cast<float>(n);
@@ -187,7 +194,7 @@ inline void backward_rows(const float* const* x, const float* const* g, const fl
       const float xhat = (x[r][j] - mean[r]) * rstd[r];
       const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
       s_gw += gw;
-      s_gwx += gw * xhat;
+      s_gwx = std::fma(gw, xhat, s_gwx);
     }
     c1[r] = s_gw * inv_n;
     c2[r] = s_gwx * inv_n;
@@ -199,10 +206,11 @@ inline void backward_rows(const float* const* x, const float* const* g, const fl
       const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
       const vfloat gv = simd::load(g[r] + j);
       const vfloat gw = kWeight ? gv * wv : gv;
-      const vfloat d = (gw - c1[r] - xhat * c2[r]) * rstd[r];
+      // (gw - c1) first: for N = 1 it is exactly 0 and xhat is 0, so dx is exactly 0.
+      const vfloat d = simd::fma(xhat, simd::splat(-c2[r]), gw - c1[r]) * rstd[r];
       if constexpr (kStream) simd::store_stream(dx[r] + j, d);
       else simd::store(dx[r] + j, d);
-      dwv += gv * xhat;
+      dwv = simd::fma(gv, xhat, dwv);
       dbv += gv;
     }
     simd::store(dw_part + j, dwv);
@@ -212,8 +220,8 @@ inline void backward_rows(const float* const* x, const float* const* g, const fl
     for (int r = 0; r < R; ++r) {
       const float xhat = (x[r][j] - mean[r]) * rstd[r];
       const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
-      dx[r][j] = (gw - c1[r] - xhat * c2[r]) * rstd[r];
-      dw_part[j] += g[r][j] * xhat;
+      dx[r][j] = std::fma(xhat, -c2[r], gw - c1[r]) * rstd[r];
+      dw_part[j] = std::fma(g[r][j], xhat, dw_part[j]);
       db_part[j] += g[r][j];
     }
 }
