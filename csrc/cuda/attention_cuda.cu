@@ -10,8 +10,9 @@
 // Dropout: keep iff philox_uniform(seed, ((b*H + h)*Tq + i)*Tk + j) >= p (../philox.h), the seed read from device
 // memory inside the kernels (no host sync), regenerated in the backward.
 // Head dims are bucketed to 64/128/256 (DPL = dims per lane 2/4/8); padding dims are zero.
-// Tensor cores: fp16/bf16 with d a multiple of 16 up to 128 on sm_80+ take attention_fwd_tc_kernel (WMMA, fp32
-// accumulation, the same masking, softmax bookkeeping and dropout); the backward is SIMT for every input.
+// Tensor cores: fp16/bf16 with d a multiple of 16 up to 128 on sm_80+ take the WMMA kernels instead (fp32
+// accumulation, the same masking, softmax bookkeeping and dropout): attention_fwd_tc_kernel, and for the backward
+// attention_dkdv_tc_kernel and attention_dq_tc_kernel (the delta kernel is shared).
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream is what at::cuda:: re-exports; this header
                                    // avoids ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers
 #include <c10/cuda/CUDAGuard.h>
@@ -43,6 +44,20 @@ struct DropoutArgs {
 __device__ __forceinline__ float dropout_factor(const DropoutArgs& drop, uint64_t seed, int64_t offset) {
   if (drop.p <= 0.f) return 1.f;
   return philox_uniform(seed, static_cast<uint64_t>(offset)) >= drop.p ? drop.keep_scale : 0.f;
+}
+
+// One entry of the softmax backward, recomputed from the saved log-sum-exp: P = exp(S*scale - lse) and
+// dS = P * (dP*Z - delta) * scale, Z the dropout factor (0 or 1/(1-p)). p_kept is P where the entry was kept and
+// 0 where it was dropped or masked (dV = (1/(1-p)) * sum p_kept dO); masked entries give 0 for both.
+struct ScoreGrad {
+  float p_kept, ds;
+};
+__device__ __forceinline__ ScoreGrad score_grad(float s, float dp, float lse, float delta, bool visible, float scale,
+                                                const DropoutArgs& drop, uint64_t seed, int64_t offset) {
+  if (!visible) return {0.f, 0.f};
+  const float p = expf(s * scale - lse);
+  const float z = dropout_factor(drop, seed, offset);
+  return {z != 0.f ? p : 0.f, p * (dp * z - delta) * scale};
 }
 
 template <int kDpl>
@@ -169,6 +184,73 @@ struct WmmaType<at::Half> { using type = __half; };
 template <>
 struct WmmaType<at::BFloat16> { using type = __nv_bfloat16; };
 
+// Warp-level WMMA building blocks of the tensor-core kernels (fp32 accumulation). Tiles live in shared memory,
+// row-major with a pitch `ld` in elements; every pointer is 32-byte aligned and every pitch a multiple of 16 bytes.
+
+// dst (rows x kD, pitch ld) = rows row0 .. row0+rows-1 of src (row stride st, unit column stride), with zeros for
+// rows at or past `limit` and columns at or past d. Called by every thread of the block.
+template <typename T, int kD>
+__device__ __forceinline__ void load_tile(T* dst, int ld, int rows, const T* __restrict__ src, int64_t st,
+                                          int64_t row0, int64_t limit, int d) {
+  for (int idx = threadIdx.x; idx < rows * kD; idx += kThreads) {
+    const int r = idx / kD, c = idx % kD;
+    const int64_t row = row0 + r;
+    dst[r * ld + c] = (row < limit && c < d) ? src[row * st + c] : from_float<T>(0.f);
+  }
+}
+
+// C (16 x 16, fp32, row-major, pitch ldc) = A B^T for 16 x kD tiles A and B (pitch ld): B row-major is B^T
+// column-major, so no transpose is ever stored.
+template <typename T, int kD>
+__device__ __forceinline__ void warp_gemm_abt(const T* a, const T* b, int ld, float* c, int ldc) {
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  wmma::fragment<wmma::accumulator, 16, 16, 16, float> acc;
+  wmma::fill_fragment(acc, 0.f);
+#pragma unroll
+  for (int dc = 0; dc < kD / 16; ++dc) {
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> fa;
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> fb;
+    wmma::load_matrix_sync(fa, reinterpret_cast<const W*>(a + dc * 16), ld);
+    wmma::load_matrix_sync(fb, reinterpret_cast<const W*>(b + dc * 16), ld);
+    wmma::mma_sync(acc, fa, fb, acc);
+  }
+  wmma::store_matrix_sync(c, acc, ldc, wmma::mem_row_major);
+}
+
+// acc[n] += A B[:, 16n .. 16n+15] for a 16 x 16 tile A (pitch lda) and a 16 x kD tile B (pitch ldb).
+template <typename T, int kD, typename Acc>
+__device__ __forceinline__ void warp_mma_ab(Acc (&acc)[kD / 16], const T* a, int lda, const T* b, int ldb) {
+  namespace wmma = nvcuda::wmma;
+  using W = typename WmmaType<T>::type;
+  wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> fa;
+  wmma::load_matrix_sync(fa, reinterpret_cast<const W*>(a), lda);
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) {
+    wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::row_major> fb;
+    wmma::load_matrix_sync(fb, reinterpret_cast<const W*>(b + n * 16), ldb);
+    wmma::mma_sync(acc[n], fa, fb, acc[n]);
+  }
+}
+
+// Rows row0 .. row0+15 of out (pitch d) = factor * acc, through the warp's fp32 scratch (16 x 16, pitch ldscr);
+// rows at or past `limit` and columns at or past d are not written.
+template <typename T, int kD, typename Acc>
+__device__ __forceinline__ void warp_store_rows(const Acc (&acc)[kD / 16], float* scratch, int ldscr, T* out,
+                                                int64_t row0, int64_t limit, int d, float factor) {
+  const int lane = threadIdx.x % 32;
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) {
+    nvcuda::wmma::store_matrix_sync(scratch, acc[n], ldscr, nvcuda::wmma::mem_row_major);
+    __syncwarp();
+    for (int e = lane; e < 16 * 16; e += 32) {
+      const int r = e / 16, c = e % 16, col = n * 16 + c;
+      if (row0 + r < limit && col < d) out[(row0 + r) * d + col] = from_float<T>(scratch[r * ldscr + c] * factor);
+    }
+    __syncwarp();  // read before the next chunk overwrites the scratch
+  }
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
@@ -194,11 +276,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
   const T* qh = q + b * sq.b + h * sq.h;
   const T* kh = k + b * sk.b + h * sk.h;
   const T* vh = v + b * sv.b + h * sv.h;
-  for (int idx = threadIdx.x; idx < C::kBq * kD; idx += kThreads) {
-    const int r = idx / kD, c = idx % kD;
-    const int64_t ir = i0 + r;
-    q_s[r][c] = (ir < tq && c < d) ? qh[ir * sq.t + c] : from_float<T>(0.f);  // unscaled: scale is applied to S
-  }
+  load_tile<T, kD>(&q_s[0][0], C::kLdT, C::kBq, qh, sq.t, i0, tq, d);  // unscaled: scale is applied to S
   const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
   float m = -INFINITY, l = 0.f, acc[C::kChunks][8];
 #pragma unroll
@@ -208,29 +286,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
   const int64_t key_end = causal ? min(tk, i0 + C::kBq) : tk;  // causal: later key tiles are never loaded
   for (int64_t j0 = 0; j0 < key_end; j0 += C::kBk) {
     __syncthreads();  // the previous tile is consumed (and q_s is complete on the first pass)
-    for (int idx = threadIdx.x; idx < C::kBk * kD; idx += kThreads) {
-      const int jj = idx / kD, c = idx % kD;
-      const int64_t j = j0 + jj;
-      const bool ok = j < tk && c < d;
-      k_s[jj][c] = ok ? kh[j * sk.t + c] : from_float<T>(0.f);
-      v_s[jj][c] = ok ? vh[j * sv.t + c] : from_float<T>(0.f);
-    }
+    load_tile<T, kD>(&k_s[0][0], C::kLdT, C::kBk, kh, sk.t, j0, tk, d);
+    load_tile<T, kD>(&v_s[0][0], C::kLdT, C::kBk, vh, sv.t, j0, tk, d);
     __syncthreads();
-    // 1. S = Q_w K^T: K is stored [key][dim] row-major, which is K^T column-major with the same pitch.
+    // 1. S = Q_w K^T, 16 keys at a time.
 #pragma unroll
-    for (int kc = 0; kc < C::kBk / 16; ++kc) {
-      wmma::fragment<wmma::accumulator, 16, 16, 16, float> s_frag;
-      wmma::fill_fragment(s_frag, 0.f);
-#pragma unroll
-      for (int dc = 0; dc < C::kChunks; ++dc) {
-        wmma::fragment<wmma::matrix_a, 16, 16, 16, W, wmma::row_major> a;
-        wmma::fragment<wmma::matrix_b, 16, 16, 16, W, wmma::col_major> bk;
-        wmma::load_matrix_sync(a, reinterpret_cast<const W*>(&q_s[warp * 16][dc * 16]), C::kLdT);
-        wmma::load_matrix_sync(bk, reinterpret_cast<const W*>(&k_s[kc * 16][dc * 16]), C::kLdT);
-        wmma::mma_sync(s_frag, a, bk, s_frag);
-      }
-      wmma::store_matrix_sync(&s_s[warp][0][kc * 16], s_frag, C::kLdS, wmma::mem_row_major);
-    }
+    for (int kc = 0; kc < C::kBk / 16; ++kc)
+      warp_gemm_abt<T, kD>(&q_s[warp * 16][0], &k_s[kc * 16][0], C::kLdT, &s_s[warp][0][kc * 16], C::kLdS);
     __syncwarp();
     // 2. Online softmax for row i over keys j0 + 16*side + t (the SIMT kernel's bookkeeping, pair-reduced).
     float s[C::kHalf];
@@ -370,16 +432,14 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(
     }
 #pragma unroll
     for (int e = 0; e < kItemsPerWarp; ++e) {
-      const float score = warp_sum(s[e]) * scale, dpe = warp_sum(dp[e]);
+      const float score = warp_sum(s[e]), dpe = warp_sum(dp[e]);
       const int64_t j = j_first + e;
       if (j >= tk || (causal && j > i)) continue;  // warp-uniform
-      const float p = expf(score - lse_i);
-      const float z = dropout_factor(drop, seed, (bh * tq + i) * tk + j);
-      const float ds = p * (dpe * z - delta_i) * scale;
+      const ScoreGrad g = score_grad(score, dpe, lse_i, delta_i, true, scale, drop, seed, (bh * tq + i) * tk + j);
 #pragma unroll
       for (int c = 0; c < kDpl; ++c) {
-        dvr[e][c] += p * z * doi[c];
-        dkr[e][c] += ds * qi[c];
+        dvr[e][c] += g.p_kept * doi[c];
+        dkr[e][c] += g.ds * qi[c];
       }
     }
   }
@@ -392,7 +452,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(
       const int col = lane + 32 * c;
       if (col < d) {
         dk[(bh * tk + j) * d + col] = from_float<T>(dkr[e][c]);
-        dv[(bh * tk + j) * d + col] = from_float<T>(dvr[e][c]);
+        dv[(bh * tk + j) * d + col] = from_float<T>(dvr[e][c] * drop.keep_scale);
       }
     }
   }
@@ -443,14 +503,13 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
     }
 #pragma unroll
     for (int e = 0; e < kItemsPerWarp; ++e) {
-      const float score = warp_sum(s[e]) * scale, dpe = warp_sum(dp[e]);
+      const float score = warp_sum(s[e]), dpe = warp_sum(dp[e]);
       const int64_t i = i_first + e;
       if (i >= tq || (causal && j > i)) continue;  // warp-uniform
-      const float p = expf(score - lse_r[e]);
-      const float z = dropout_factor(drop, seed, (bh * tq + i) * tk + j);
-      const float ds = p * (dpe * z - delta_r[e]) * scale;
+      const ScoreGrad g =
+          score_grad(score, dpe, lse_r[e], delta_r[e], true, scale, drop, seed, (bh * tq + i) * tk + j);
 #pragma unroll
-      for (int c = 0; c < kDpl; ++c) dqr[e][c] += ds * kj[c];
+      for (int c = 0; c < kDpl; ++c) dqr[e][c] += g.ds * kj[c];
     }
   }
 #pragma unroll
@@ -463,6 +522,187 @@ __global__ void __launch_bounds__(kThreads) attention_dq_kernel(
       if (col < d) dq[(bh * tq + i) * d + col] = from_float<T>(dqr[e][c]);
     }
   }
+}
+
+// Tensor-core backward for the inputs the tensor-core forward takes (the same kD buckets), FlashAttention-2's split
+// without atomics: one kernel owns keys and accumulates dK, dV; the other owns query rows and accumulates dQ.
+// A block of 4 warps owns 64 keys (or rows), warp w the 16 at 16w, its accumulators in WMMA fragments (fp32);
+// the other side streams through shared memory 16 rows (or keys) at a time. Per step, warp w
+//   1. computes S and dP for its 16 x 16 block through WMMA (transposed in the dK/dV kernel: keys are its rows),
+//      staged in its fp32 scratch and read 8 entries per lane (scratch row lane/2, columns 8*(lane%2) .. +7);
+//   2. forms P and dS per entry (score_grad: causal mask, tq/tk bounds, the forward's Philox dropout offsets),
+//      written to shared memory in T;
+//   3. accumulates dV += P^T dO and dK += dS^T Q, or dQ += dS K, through WMMA.
+// Shared memory exceeds the 48 KB static limit at kD = 128, so it is dynamic (one struct per kernel).
+template <int kD>
+struct TcBwdConfig {
+  static constexpr int kOwn = 16 * kWarps;  // keys (dK/dV) or query rows (dQ) owned by a block
+  static constexpr int kStep = 16;          // query rows (dK/dV) or keys (dQ) streamed per step
+  static constexpr int kLdT = kD + 8;       // pitches as in TcFwdConfig: 16-byte padding against bank conflicts
+  static constexpr int kLdS = kStep + 4;
+  static constexpr int kLdP = kStep + 8;
+  // Every 16-row block and 16-column offset WMMA touches must stay 32-byte aligned inside the shared structs.
+  static_assert(16 * kLdT * 2 % 32 == 0 && 16 * kLdS * 4 % 32 == 0 && 16 * kLdP * 2 % 32 == 0, "pitches");
+};
+
+template <typename T, int kD>
+struct DkdvShared {
+  using C = TcBwdConfig<kD>;
+  T k[C::kOwn][C::kLdT], v[C::kOwn][C::kLdT];              // the block's keys and values, loaded once
+  T q[C::kStep][C::kLdT], dout[C::kStep][C::kLdT];         // this step's query rows
+  float scratch[kWarps][16][C::kLdS];
+  T p[kWarps][16][C::kLdP], ds[kWarps][16][C::kLdP];       // P^T and dS^T of each warp (keys x rows)
+  float lse[C::kStep], delta[C::kStep];
+};
+
+template <typename T, int kD>
+struct DqShared {
+  using C = TcBwdConfig<kD>;
+  T q[C::kOwn][C::kLdT], dout[C::kOwn][C::kLdT];           // the block's query rows, loaded once
+  T k[C::kStep][C::kLdT], v[C::kStep][C::kLdT];            // this step's keys
+  float scratch[kWarps][16][C::kLdS];
+  T ds[kWarps][16][C::kLdP];                               // dS of each warp (rows x keys)
+  float lse[C::kOwn], delta[C::kOwn];
+};
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
+    HeadStrides sq, HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d,
+    float scale, bool causal, DropoutArgs drop) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using C = TcBwdConfig<kD>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  auto& sh = *reinterpret_cast<DkdvShared<T, kD>*>(smem);
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
+  const int64_t j0 = static_cast<int64_t>(blockIdx.y) * C::kOwn;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 2, half = lane % 2;  // this lane's scratch row (a key) and half of its columns (rows)
+  const int64_t jw = j0 + warp * 16, j = jw + r;
+  const T* qh = q + b * sq.b + h * sq.h;
+  const T* doh = dout + b * sdo.b + h * sdo.h;
+  load_tile<T, kD>(&sh.k[0][0], C::kLdT, C::kOwn, k + b * sk.b + h * sk.h, sk.t, j0, tk, d);
+  load_tile<T, kD>(&sh.v[0][0], C::kLdT, C::kOwn, v + b * sv.b + h * sv.h, sv.t, j0, tk, d);
+  const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> dk_acc[kD / 16], dv_acc[kD / 16];
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) {
+    nvcuda::wmma::fill_fragment(dk_acc[n], 0.f);
+    nvcuda::wmma::fill_fragment(dv_acc[n], 0.f);
+  }
+  float* scratch = &sh.scratch[warp][0][0];
+  for (int64_t i0 = causal ? j0 : 0; i0 < tq; i0 += C::kStep) {  // causal: earlier rows see none of these keys
+    __syncthreads();  // the previous step is consumed (and k, v are complete on the first pass)
+    load_tile<T, kD>(&sh.q[0][0], C::kLdT, C::kStep, qh, sq.t, i0, tq, d);
+    load_tile<T, kD>(&sh.dout[0][0], C::kLdT, C::kStep, doh, sdo.t, i0, tq, d);
+    if (threadIdx.x < C::kStep) {
+      const int64_t i = i0 + threadIdx.x;
+      sh.lse[threadIdx.x] = i < tq ? lse[bh * tq + i] : 0.f;
+      sh.delta[threadIdx.x] = i < tq ? delta[bh * tq + i] : 0.f;
+    }
+    __syncthreads();
+    if (causal && i0 + C::kStep - 1 < jw) continue;  // warp-uniform: all of its keys come after all these rows
+    // 1. S^T = K_w Q^T and dP^T = V_w dO^T (keys x rows).
+    warp_gemm_abt<T, kD>(&sh.k[warp * 16][0], &sh.q[0][0], C::kLdT, scratch, C::kLdS);
+    __syncwarp();
+    float s[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s[e] = scratch[r * C::kLdS + half * 8 + e];
+    __syncwarp();
+    warp_gemm_abt<T, kD>(&sh.v[warp * 16][0], &sh.dout[0][0], C::kLdT, scratch, C::kLdS);
+    __syncwarp();
+    // 2. P^T and dS^T.
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int ii = half * 8 + e;
+      const int64_t i = i0 + ii;
+      const bool visible = i < tq && j < tk && (!causal || j <= i);
+      const ScoreGrad g = score_grad(s[e], scratch[r * C::kLdS + ii], sh.lse[ii], sh.delta[ii], visible, scale,
+                                     drop, seed, (bh * tq + i) * tk + j);
+      sh.p[warp][r][ii] = from_float<T>(g.p_kept);
+      sh.ds[warp][r][ii] = from_float<T>(g.ds);
+    }
+    __syncwarp();
+    // 3. dV_w += P^T dO, dK_w += dS^T Q.
+    warp_mma_ab<T, kD>(dv_acc, &sh.p[warp][0][0], C::kLdP, &sh.dout[0][0], C::kLdT);
+    warp_mma_ab<T, kD>(dk_acc, &sh.ds[warp][0][0], C::kLdP, &sh.q[0][0], C::kLdT);
+  }
+  __syncwarp();  // every lane is past its last read of the scratch
+  // dV carries the dropout's 1/(1-p) once, in fp32; dK has the softmax scale from dS.
+  warp_store_rows<T, kD>(dv_acc, scratch, C::kLdS, dv + bh * tk * d, jw, tk, d, drop.keep_scale);
+  warp_store_rows<T, kD>(dk_acc, scratch, C::kLdS, dk + bh * tk * d, jw, tk, d, 1.f);
+#else
+  __trap();  // never launched below sm_80 (use_tensor_cores)
+#endif
+}
+
+template <typename T, int kD>
+__global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
+    const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
+    const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, HeadStrides sq,
+    HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d, float scale,
+    bool causal, DropoutArgs drop) {
+#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
+  using C = TcBwdConfig<kD>;
+  extern __shared__ __align__(128) unsigned char smem[];
+  auto& sh = *reinterpret_cast<DqShared<T, kD>*>(smem);
+  const int64_t bh = blockIdx.x;
+  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
+  const int64_t i0 = static_cast<int64_t>(blockIdx.y) * C::kOwn;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const int r = lane / 2, half = lane % 2;  // this lane's scratch row (a query row) and half of its columns (keys)
+  const int64_t iw = i0 + warp * 16, i = iw + r;
+  const T* kh = k + b * sk.b + h * sk.h;
+  const T* vh = v + b * sv.b + h * sv.h;
+  load_tile<T, kD>(&sh.q[0][0], C::kLdT, C::kOwn, q + b * sq.b + h * sq.h, sq.t, i0, tq, d);
+  load_tile<T, kD>(&sh.dout[0][0], C::kLdT, C::kOwn, dout + b * sdo.b + h * sdo.h, sdo.t, i0, tq, d);
+  if (threadIdx.x < C::kOwn) {
+    const int64_t row = i0 + threadIdx.x;
+    sh.lse[threadIdx.x] = row < tq ? lse[bh * tq + row] : 0.f;
+    sh.delta[threadIdx.x] = row < tq ? delta[bh * tq + row] : 0.f;
+  }
+  const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
+  nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> dq_acc[kD / 16];
+#pragma unroll
+  for (int n = 0; n < kD / 16; ++n) nvcuda::wmma::fill_fragment(dq_acc[n], 0.f);
+  float* scratch = &sh.scratch[warp][0][0];
+  const int64_t key_end = causal ? min(tk, i0 + C::kOwn) : tk;  // causal: later keys are never loaded
+  for (int64_t j0 = 0; j0 < key_end; j0 += C::kStep) {
+    __syncthreads();  // the previous step is consumed (and q, dout, lse, delta are complete on the first pass)
+    load_tile<T, kD>(&sh.k[0][0], C::kLdT, C::kStep, kh, sk.t, j0, tk, d);
+    load_tile<T, kD>(&sh.v[0][0], C::kLdT, C::kStep, vh, sv.t, j0, tk, d);
+    __syncthreads();
+    if (causal && j0 > iw + 15) continue;  // warp-uniform: all these keys come after all of its rows
+    // 1. S = Q_w K^T and dP = dO_w V^T (rows x keys).
+    warp_gemm_abt<T, kD>(&sh.q[warp * 16][0], &sh.k[0][0], C::kLdT, scratch, C::kLdS);
+    __syncwarp();
+    float s[8];
+#pragma unroll
+    for (int e = 0; e < 8; ++e) s[e] = scratch[r * C::kLdS + half * 8 + e];
+    __syncwarp();
+    warp_gemm_abt<T, kD>(&sh.dout[warp * 16][0], &sh.v[0][0], C::kLdT, scratch, C::kLdS);
+    __syncwarp();
+    // 2. dS.
+#pragma unroll
+    for (int e = 0; e < 8; ++e) {
+      const int jj = half * 8 + e;
+      const int64_t j = j0 + jj;
+      const bool visible = i < tq && j < tk && (!causal || j <= i);
+      const ScoreGrad g = score_grad(s[e], scratch[r * C::kLdS + jj], sh.lse[warp * 16 + r],
+                                     sh.delta[warp * 16 + r], visible, scale, drop, seed, (bh * tq + i) * tk + j);
+      sh.ds[warp][r][jj] = from_float<T>(g.ds);
+    }
+    __syncwarp();
+    // 3. dQ_w += dS K.
+    warp_mma_ab<T, kD>(dq_acc, &sh.ds[warp][0][0], C::kLdP, &sh.k[0][0], C::kLdT);
+  }
+  __syncwarp();  // every lane is past its last read of the scratch
+  warp_store_rows<T, kD>(dq_acc, scratch, C::kLdS, dq + bh * tq * d, iw, tq, d, 1.f);
+#else
+  __trap();  // never launched below sm_80 (use_tensor_cores)
+#endif
 }
 
 // Calls f(std::integral_constant<int, DPL>) for the smallest head-dim bucket that holds d.
@@ -487,13 +727,32 @@ void check_grid(int64_t bh, int64_t tiles, const char* op) {
               " sequence tiles exceed the CUDA grid limits");
 }
 
-// The tensor-core forward takes fp16/bf16 (checked by the caller) with d a multiple of 16 up to 128, on sm_80+
-// (bf16 WMMA; the kernel body is compiled only there). Anything else takes the SIMT kernel.
+// The tensor-core kernels take fp16/bf16 (checked by the caller) with d a multiple of 16 up to 128, on sm_80+
+// (bf16 WMMA; the kernel bodies are compiled only there). Anything else takes the SIMT kernels.
 bool use_tensor_cores(const at::Tensor& q, int64_t d) {
   if (d % 16 != 0 || d > 128) return false;
   int major = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.get_device()));
   return major >= 8;
+}
+
+// Calls f(std::integral_constant<int, kD>) for the tensor-core head-dim bucket (64 or 128) that holds d.
+template <typename F>
+void dispatch_tc_head_dim(int64_t d, F&& f) {
+  if (d <= 64) f(std::integral_constant<int, 64>{});
+  else f(std::integral_constant<int, 128>{});
+}
+
+// Launches a kernel with `smem` bytes of dynamic shared memory, first raising its limit where it exceeds the
+// 48 KB a kernel gets without asking (the attribute is per kernel and device; setting it again is cheap).
+template <typename... Params, typename... Args>
+void launch_with_smem(void (*kernel)(Params...), dim3 grid, size_t smem, cudaStream_t stream, Args&&... args) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, kThreads, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -522,8 +781,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
               static_cast<float>(scale), is_causal, drop);
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         };
-        if (D <= 64) launch(std::integral_constant<int, 64>{});
-        else launch(std::integral_constant<int, 128>{});
+        dispatch_tc_head_dim(D, launch);
         return;
       }
     }
@@ -567,6 +825,27 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
         dout.const_data_ptr<T>(), out.const_data_ptr<T>(), delta.mutable_data_ptr<float>(), strides_of(dout),
         strides_of(out), H, Tq, D, rows);
     C10_CUDA_KERNEL_LAUNCH_CHECK();
+    if constexpr (!std::is_same_v<T, float>) {
+      if (use_tensor_cores(q, D)) {
+        dispatch_tc_head_dim(D, [&](auto kd) {
+          constexpr int kD = decltype(kd)::value;
+          constexpr int64_t own = TcBwdConfig<kD>::kOwn;
+          launch_with_smem(attention_dkdv_tc_kernel<T, kD>, dim3(B * H, (Tk + own - 1) / own),
+                           sizeof(DkdvShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                           v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                           delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
+                           strides_of(q), strides_of(k), strides_of(v), strides_of(dout), static_cast<int>(H), Tq,
+                           Tk, static_cast<int>(D), static_cast<float>(scale), is_causal, drop);
+          launch_with_smem(attention_dq_tc_kernel<T, kD>, dim3(B * H, (Tq + own - 1) / own),
+                           sizeof(DqShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                           v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                           delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(q), strides_of(k),
+                           strides_of(v), strides_of(dout), static_cast<int>(H), Tq, Tk, static_cast<int>(D),
+                           static_cast<float>(scale), is_causal, drop);
+        });
+        return;
+      }
+    }
     dispatch_head_dim(D, [&](auto dpl) {
       constexpr int kDpl = decltype(dpl)::value;
       attention_dkdv_kernel<T, kDpl><<<dim3(B * H, (Tk + per_block - 1) / per_block), kThreads, 0, stream>>>(
