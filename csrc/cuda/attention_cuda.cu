@@ -573,8 +573,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
     float scale, bool causal, DropoutArgs drop) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = TcBwdConfig<kD>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  auto& sh = *reinterpret_cast<DkdvShared<T, kD>*>(smem);
+  auto& sh = dynamic_shared<DkdvShared<T, kD>>();
   const int64_t bh = blockIdx.x;
   const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * C::kOwn;
@@ -646,8 +645,7 @@ __global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
     bool causal, DropoutArgs drop) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = TcBwdConfig<kD>;
-  extern __shared__ __align__(128) unsigned char smem[];
-  auto& sh = *reinterpret_cast<DqShared<T, kD>*>(smem);
+  auto& sh = dynamic_shared<DqShared<T, kD>>();
   const int64_t bh = blockIdx.x;
   const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
   const int64_t i0 = static_cast<int64_t>(blockIdx.y) * C::kOwn;
@@ -743,18 +741,6 @@ void dispatch_tc_head_dim(int64_t d, F&& f) {
   else f(std::integral_constant<int, 128>{});
 }
 
-// Launches a kernel with `smem` bytes of dynamic shared memory, first raising its limit where it exceeds the
-// 48 KB a kernel gets without asking (the attribute is per kernel and device; setting it again is cheap).
-template <typename... Params, typename... Args>
-void launch_with_smem(void (*kernel)(Params...), dim3 grid, size_t smem, cudaStream_t stream, Args&&... args) {
-  if (smem > 48 * 1024) {
-    C10_CUDA_CHECK(
-        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
-  }
-  kernel<<<grid, kThreads, smem, stream>>>(std::forward<Args>(args)...);
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
-}
-
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool is_causal, double dropout_p,
                                                       double scale, const std::optional<at::Tensor>& seed) {
@@ -775,11 +761,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
           constexpr int kD = decltype(kd)::value;
           const int64_t tiles = (Tq + TcFwdConfig<kD>::kBq - 1) / TcFwdConfig<kD>::kBq;
           check_grid(B * H, tiles, op);
-          attention_fwd_tc_kernel<T, kD><<<dim3(B * H, tiles), kThreads, 0, stream>>>(
-              q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
-              lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), H, Tq, Tk, D,
-              static_cast<float>(scale), is_causal, drop);
-          C10_CUDA_KERNEL_LAUNCH_CHECK();
+          launch_kernel(attention_fwd_tc_kernel<T, kD>, dim3(B * H, tiles), kThreads, 0, stream,
+                        q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                        out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k),
+                        strides_of(v), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
         };
         dispatch_tc_head_dim(D, launch);
         return;
@@ -789,11 +774,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
       constexpr int kDpl = decltype(dpl)::value;
       const int64_t tiles = (Tq + FwdConfig<kDpl>::kBq - 1) / FwdConfig<kDpl>::kBq;
       check_grid(B * H, tiles, op);
-      attention_fwd_kernel<T, kDpl><<<dim3(B * H, tiles), kThreads, 0, stream>>>(
-          q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
-          lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), H, Tq, Tk, D,
-          static_cast<float>(scale), is_causal, drop);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(attention_fwd_kernel<T, kDpl>, dim3(B * H, tiles), kThreads, 0, stream, q.const_data_ptr<T>(),
+                    k.const_data_ptr<T>(), v.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
+                    lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k), strides_of(v), H, Tq, Tk, D,
+                    static_cast<float>(scale), is_causal, drop);
     });
   });
   return {out, lse};
@@ -821,45 +805,41 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
   dispatch_float_types(q.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     const int64_t rows = B * H * Tq;
-    attention_delta_kernel<T><<<static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0, stream>>>(
-        dout.const_data_ptr<T>(), out.const_data_ptr<T>(), delta.mutable_data_ptr<float>(), strides_of(dout),
-        strides_of(out), H, Tq, D, rows);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(attention_delta_kernel<T>, static_cast<unsigned>((rows + kWarps - 1) / kWarps), kThreads, 0,
+                  stream, dout.const_data_ptr<T>(), out.const_data_ptr<T>(), delta.mutable_data_ptr<float>(),
+                  strides_of(dout), strides_of(out), H, Tq, D, rows);
     if constexpr (!std::is_same_v<T, float>) {
       if (use_tensor_cores(q, D)) {
         dispatch_tc_head_dim(D, [&](auto kd) {
           constexpr int kD = decltype(kd)::value;
           constexpr int64_t own = TcBwdConfig<kD>::kOwn;
-          launch_with_smem(attention_dkdv_tc_kernel<T, kD>, dim3(B * H, (Tk + own - 1) / own),
-                           sizeof(DkdvShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                           v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
-                           delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
-                           strides_of(q), strides_of(k), strides_of(v), strides_of(dout), static_cast<int>(H), Tq,
-                           Tk, static_cast<int>(D), static_cast<float>(scale), is_causal, drop);
-          launch_with_smem(attention_dq_tc_kernel<T, kD>, dim3(B * H, (Tq + own - 1) / own),
-                           sizeof(DqShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                           v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
-                           delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(q), strides_of(k),
-                           strides_of(v), strides_of(dout), static_cast<int>(H), Tq, Tk, static_cast<int>(D),
-                           static_cast<float>(scale), is_causal, drop);
+          launch_kernel(attention_dkdv_tc_kernel<T, kD>, dim3(B * H, (Tk + own - 1) / own), kThreads,
+                        sizeof(DkdvShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                        v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                        delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
+                        strides_of(q), strides_of(k), strides_of(v), strides_of(dout), H, Tq, Tk, D,
+                        static_cast<float>(scale), is_causal, drop);
+          launch_kernel(attention_dq_tc_kernel<T, kD>, dim3(B * H, (Tq + own - 1) / own), kThreads,
+                        sizeof(DqShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
+                        v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                        delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(q), strides_of(k),
+                        strides_of(v), strides_of(dout), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
         });
         return;
       }
     }
     dispatch_head_dim(D, [&](auto dpl) {
       constexpr int kDpl = decltype(dpl)::value;
-      attention_dkdv_kernel<T, kDpl><<<dim3(B * H, (Tk + per_block - 1) / per_block), kThreads, 0, stream>>>(
-          q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), dout.const_data_ptr<T>(),
-          lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(),
-          dv.mutable_data_ptr<T>(), strides_of(q), strides_of(k), strides_of(v), strides_of(dout), H, Tq, Tk, D,
-          static_cast<float>(scale), is_causal, drop);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-      attention_dq_kernel<T, kDpl><<<dim3(B * H, (Tq + per_block - 1) / per_block), kThreads, 0, stream>>>(
-          q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(), dout.const_data_ptr<T>(),
-          lse.const_data_ptr<float>(), delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(q),
-          strides_of(k), strides_of(v), strides_of(dout), H, Tq, Tk, D, static_cast<float>(scale), is_causal,
-          drop);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
+      launch_kernel(attention_dkdv_kernel<T, kDpl>, dim3(B * H, (Tk + per_block - 1) / per_block), kThreads, 0,
+                    stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                    dout.const_data_ptr<T>(), lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                    dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(), strides_of(q), strides_of(k), strides_of(v),
+                    strides_of(dout), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
+      launch_kernel(attention_dq_kernel<T, kDpl>, dim3(B * H, (Tq + per_block - 1) / per_block), kThreads, 0,
+                    stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
+                    dout.const_data_ptr<T>(), lse.const_data_ptr<float>(), delta.const_data_ptr<float>(),
+                    dq.mutable_data_ptr<T>(), strides_of(q), strides_of(k), strides_of(v), strides_of(dout), H, Tq,
+                    Tk, D, static_cast<float>(scale), is_causal, drop);
     });
   });
   return {dq, dk, dv};

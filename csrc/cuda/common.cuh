@@ -5,6 +5,7 @@
 #include <c10/cuda/CUDAException.h>
 
 #include <cstdint>
+#include <utility>
 
 namespace chargpt {
 
@@ -23,6 +24,30 @@ template <typename T>
 __device__ __forceinline__ float to_float(T x) { return static_cast<float>(x); }
 template <typename T>
 __device__ __forceinline__ T from_float(float x) { return static_cast<T>(x); }
+
+// Kernel launches and dynamic shared memory go through these two, so that the CPU emulator of the test suite
+// (tests/cuda_emulator) can run the kernels of this directory unchanged on a machine without a GPU.
+#ifndef CHARGPT_CUDA_EMULATION
+// kernel<<<grid, block, smem, stream>>>(args...), checked. Above the 48 KB of dynamic shared memory a kernel gets
+// without asking, its limit is raised first (the attribute is per kernel and device; setting it again is cheap).
+template <typename... Params, typename... Args>
+void launch_kernel(void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem, cudaStream_t stream,
+                   Args&&... args) {
+  if (smem > 48 * 1024) {
+    C10_CUDA_CHECK(
+        cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)));
+  }
+  kernel<<<grid, block, smem, stream>>>(std::forward<Args>(args)...);
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+// The block's dynamic shared memory, viewed as one S (a struct of the kernel's tiles).
+template <typename S>
+__device__ __forceinline__ S& dynamic_shared() {
+  extern __shared__ __align__(128) unsigned char dynamic_smem[];
+  return *reinterpret_cast<S*>(dynamic_smem);
+}
+#endif
 
 constexpr unsigned kFullMask = 0xffffffffu;
 

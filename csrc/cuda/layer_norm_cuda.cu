@@ -202,15 +202,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Ten
     const T* wp = w.defined() ? w.const_data_ptr<T>() : nullptr;
     const T* bp = b.defined() ? b.const_data_ptr<T>() : nullptr;
     if (can_vectorize<T>(xp, x.stride(0), n)) {
-      layer_norm_fwd_kernel<T, 16 / sizeof(T)><<<grid, block, 0, stream>>>(
-          xp, x.stride(0), wp, bp, y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), m, n, static_cast<float>(eps));
+      launch_kernel(layer_norm_fwd_kernel<T, 16 / sizeof(T)>, grid, block, 0, stream, xp, x.stride(0), wp, bp,
+                    y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), m, n,
+                    static_cast<float>(eps));
     } else {
-      layer_norm_fwd_kernel<T, 1><<<grid, block, 0, stream>>>(
-          xp, x.stride(0), wp, bp, y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(),
-          rstd.mutable_data_ptr<float>(), m, n, static_cast<float>(eps));
+      launch_kernel(layer_norm_fwd_kernel<T, 1>, grid, block, 0, stream, xp, x.stride(0), wp, bp,
+                    y.mutable_data_ptr<T>(), mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), m, n,
+                    static_cast<float>(eps));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
   });
   return {y, mean, rstd};
 }
@@ -243,20 +242,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
     const float* rp = rstd.const_data_ptr<float>();
     const dim3 block(32, kRowsPerBlock), grid(static_cast<unsigned>((m + kRowsPerBlock - 1) / kRowsPerBlock));
     if (can_vectorize<T>(xp, x.stride(0), n) && can_vectorize<T>(gp, g.stride(0), n)) {
-      layer_norm_dx_kernel<T, 16 / sizeof(T)><<<grid, block, 0, stream>>>(
-          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
+      launch_kernel(layer_norm_dx_kernel<T, 16 / sizeof(T)>, grid, block, 0, stream, gp, g.stride(0), xp,
+                    x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
     } else {
-      layer_norm_dx_kernel<T, 1><<<grid, block, 0, stream>>>(
-          gp, g.stride(0), xp, x.stride(0), wp, mp, rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
+      launch_kernel(layer_norm_dx_kernel<T, 1>, grid, block, 0, stream, gp, g.stride(0), xp, x.stride(0), wp, mp,
+                    rp, dx.mutable_data_ptr<T>(), m, n, 1.f / static_cast<float>(n));
     }
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
     const dim3 pgrid(static_cast<unsigned>((n + 31) / 32), static_cast<unsigned>(chunks)), pblock(32, 8);
-    layer_norm_partial_kernel<T><<<pgrid, pblock, 0, stream>>>(gp, g.stride(0), xp, x.stride(0), mp, rp,
-                                                                partial.mutable_data_ptr<float>(), m, n);
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
-    layer_norm_reduce_kernel<T><<<static_cast<unsigned>((n + 255) / 256), 256, 0, stream>>>(
-        partial.const_data_ptr<float>(), chunks, n, dw.mutable_data_ptr<T>(), db.mutable_data_ptr<T>());
-    C10_CUDA_KERNEL_LAUNCH_CHECK();
+    launch_kernel(layer_norm_partial_kernel<T>, pgrid, pblock, 0, stream, gp, g.stride(0), xp, x.stride(0), mp, rp,
+                  partial.mutable_data_ptr<float>(), m, n);
+    launch_kernel(layer_norm_reduce_kernel<T>, static_cast<unsigned>((n + 255) / 256), 256, 0, stream,
+                  partial.const_data_ptr<float>(), chunks, n, dw.mutable_data_ptr<T>(), db.mutable_data_ptr<T>());
   });
   return {dx, dw, db};
 }
