@@ -1,0 +1,116 @@
+"""The CUDA kernels of csrc/cuda, run on the CPU by the emulator in tests/cuda_emulator, against the float64
+reference: forward and backward, fp32/fp16/bf16, the SIMT and the tensor-core (WMMA) attention, dropout.
+
+On a machine without a GPU this is the only place the CUDA code executes. The emulator runs a block's threads as
+fibers that switch at barriers and shuffles (see tests/cuda_emulator/include/cuda_emulation.h), which is slow, so
+the shapes are small; they still cover several tiles, ragged edges, Tq != Tk and every head-dim bucket. What it
+cannot show (speed, memory coalescing, races between barriers in general) is left to the GPU check."""
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import reference
+from conftest import assert_close
+
+EMULATOR = Path(__file__).resolve().parent / "cuda_emulator"
+HALF_TYPES = (torch.float16, torch.bfloat16)
+
+
+@pytest.fixture(scope="module")
+def ops():
+    from torch.utils import cpp_extension
+
+    if not sys.platform.startswith("linux"):
+        pytest.skip("the CUDA emulator's fibers use glibc's ucontext")
+    if not cpp_extension.is_ninja_available():
+        pytest.skip("ninja is needed to build the CUDA emulator")
+    base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
+    build_dir = os.path.join(base, f"torch-{torch.__version__}-cuda-emulator")
+    os.makedirs(build_dir, exist_ok=True)
+    print("compiling the CUDA emulator build of csrc/cuda (cached in", build_dir, ")", file=sys.stderr, flush=True)
+    cpp_extension.load(name="chargpt_cuda_emulator", sources=[str(EMULATOR / "emulated_ops.cpp")],
+                       extra_include_paths=[str(EMULATOR / "include")], extra_cflags=["-O2"],
+                       build_directory=build_dir, is_python_module=False, verbose=False)
+    return torch.ops.chargpt_emulated
+
+
+def fresh(*shape, dtype, seed):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+
+
+# (rows, N): one row, ragged warps, 16-byte packs or not (N % 8), N > 32 * pack (several sweeps per lane).
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+@pytest.mark.parametrize("rows,n", [(1, 40), (7, 59), (13, 80), (70, 256), (5, 1000)])
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided-rows"])
+def test_layer_norm(ops, dtype, rows, n, strided):
+    ops.configure(9, strided)  # both thread orders over the cases
+    seed = rows * 1000 + n
+    x = fresh(rows, n + 8 if strided else n, dtype=dtype, seed=seed)[:, :n]  # row stride != n
+    w, b = fresh(n, dtype=dtype, seed=seed + 1), fresh(n, dtype=dtype, seed=seed + 2)
+    g = fresh(rows, n, dtype=dtype, seed=seed + 3)
+    y, mean, rstd = ops.layer_norm_fwd(x, w, b, 1e-5)
+    dx, dw, db = ops.layer_norm_bwd(g, x, w, mean, rstd)
+    x64, w64, b64 = (t.double().requires_grad_() for t in (x, w, b))
+    want = reference.layer_norm(x64, w64, b64, 1e-5)
+    want_grads = torch.autograd.grad(want, (x64, w64, b64), g.double())
+    assert_close(y, want, dtype, "emulated CUDA layer_norm y")
+    assert_close(mean, x64.detach().mean(-1), torch.float32, "emulated CUDA layer_norm mean")  # fp32 statistics
+    for name, got, ref in zip(("dx", "dw", "db"), (dx, dw, db), want_grads):
+        assert_close(got, ref, dtype, f"emulated CUDA layer_norm {name}")
+
+
+# (B, H, Tq, Tk, D): a single token, D in every SIMT bucket (64/128/256) and tensor-core bucket (64/128),
+# ragged tiles, Tq != Tk, and T = 70 (more than one 64-row block and 16/32-key step of the tensor-core kernels).
+ATTENTION_SHAPES = [(1, 1, 1, 1, 16), (1, 2, 7, 7, 40), (1, 1, 19, 19, 80), (1, 1, 5, 19, 32), (1, 1, 9, 9, 256),
+                    (1, 1, 70, 70, 64)]
+
+
+def run_attention(ops, q, k, v, causal, dropout_p=0.0, seed=None, mask=None):
+    scale = q.shape[-1] ** -0.5
+    out, lse = ops.attention_fwd(q, k, v, causal, dropout_p, scale, seed)
+    grad = torch.randn(out.shape).to(q.dtype)
+    dq, dk, dv = ops.attention_bwd(grad, q, k, v, out, lse, causal, dropout_p, scale, seed)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    want = reference.attention(q64, k64, v64, causal, dropout_p, scale, dropout_mask=mask)
+    return (out, dq, dk, dv), (want, *torch.autograd.grad(want, (q64, k64, v64), grad.double()))
+
+
+def attention_cases():
+    for shape in ATTENTION_SHAPES:
+        for dtype in (torch.float32, *HALF_TYPES):
+            kinds = ["simt"] if dtype == torch.float32 else ["simt", "tensor-core"]
+            for kind in kinds:
+                if shape[2] == 70 and kind == "simt":
+                    continue  # the SIMT kernels are shuffle-bound: slow to emulate, and covered by the other shapes
+                yield pytest.param(shape, dtype, kind, id=f"{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{kind}")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("shape,dtype,kind", attention_cases())
+def test_attention(ops, shape, dtype, kind, causal):
+    ops.configure(8 if kind == "tensor-core" else 7, causal)  # the GPU the host code sees; both thread orders
+    b, h, tq, tk, d = shape
+    torch.manual_seed(tq * 100 + d)
+    q = fresh(b, tq, h, d, dtype=dtype, seed=1).transpose(1, 2)  # (B, T, H, D) storage, as nanoGPT makes it
+    k, v = (fresh(b, tk, h, d, dtype=dtype, seed=s).transpose(1, 2) for s in (2, 3))
+    got, want = run_attention(ops, q, k, v, causal)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA {kind} attention {name}")
+
+
+@pytest.mark.parametrize("dtype,kind", [(torch.float32, "simt"), (torch.bfloat16, "simt"),
+                                        (torch.float16, "tensor-core"), (torch.bfloat16, "tensor-core")],
+                         ids=["fp32-simt", "bf16-simt", "fp16-tensor-core", "bf16-tensor-core"])
+def test_attention_dropout_uses_the_specified_mask(ops, dtype, kind):
+    ops.configure(8 if kind == "tensor-core" else 7, kind == "simt")
+    b, h, t, d, p = 1, 2, 21, 32, 0.3
+    q, k, v = (fresh(b, h, t, d, dtype=dtype, seed=s) for s in (4, 5, 6))
+    seed = torch.tensor(987654321, dtype=torch.int64)
+    mask = reference.dropout_keep_mask(int(seed), b, h, t, t, p, device="cpu")
+    got, want = run_attention(ops, q, k, v, True, p, seed, mask)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA {kind} attention dropout {name}")
