@@ -15,9 +15,7 @@ import torch
 from kernels import ext_build
 
 ARCHS = ("80", "90")
-# Known gap: several attention kernels (and one LayerNorm dx variant) spill 4-20 bytes, apparently registers saved
-# around out-of-line calls; they move between kernels as code changes. Anything larger is a real regression.
-MAX_SPILL_BYTES = 32
+MAX_SPILL_BYTES = 0  # every kernel fits its registers (the launch bounds in the .cu files say how)
 
 
 def _nvcc_command(cuda_home, source, obj):
@@ -48,11 +46,13 @@ def _kernel_stats(log):
 
 
 def _short(mangled):
-    m = re.search(r"(\w+_kernel)I(.*?)EEv", mangled)
+    """attention_fwd_kernel<half, 2> for the mangled name of that template instance (or a prefix if unknown)."""
+    m = re.search(r"([a-z_]+_kernel)I(.*?)EEv", mangled)
     if not m:
         return mangled[:60]
-    args = m.group(2).replace("N3c104HalfE", "half").replace("N3c108BFloat16E", "bf16").replace("f", "float", 1)
-    return f"{m.group(1)}<{args}>"
+    types = {"f": "float", "N3c104HalfE": "half", "N3c108BFloat16E": "bf16"}
+    names = re.findall(r"N3c104HalfE|N3c108BFloat16E|f|Li\d+", m.group(2))
+    return f"{m.group(1)}<{', '.join(types.get(n, n[2:]) for n in names)}>"
 
 
 def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):

@@ -31,6 +31,8 @@ namespace {
 constexpr int kWarps = 4;
 constexpr int kThreads = 32 * kWarps;
 constexpr int kItemsPerWarp = 4;  // keys (dK/dV) or query rows (dQ) owned by one backward warp
+// The SIMT kernels say __launch_bounds__(kThreads, 1): without a minimum block count ptxas picked a register target
+// that spilled 4-20 bytes (around the Philox rounds); with it they take 83-203 registers and spill nothing.
 
 struct HeadStrides {
   int64_t b, h, t;  // the head dim is contiguous
@@ -69,7 +71,7 @@ struct FwdConfig {
 };
 
 template <typename T, int kDpl>
-__global__ void __launch_bounds__(kThreads) attention_fwd_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
     float* __restrict__ lse, HeadStrides sq, HeadStrides sk, HeadStrides sv, int heads, int64_t tq, int64_t tk,
     int d, float scale, bool causal, DropoutArgs drop) {
@@ -393,7 +395,7 @@ __device__ __forceinline__ void load_row(const T* __restrict__ p, int d, int lan
 
 // dK, dV: warp w of block (bh, kb) owns keys kb*16 + 4w .. +3 and sweeps every query row that sees them.
 template <typename T, int kDpl>
-__global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_dkdv_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
     HeadStrides sq, HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d,
@@ -460,7 +462,7 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_kernel(
 
 // dQ: warp w of block (bh, qb) owns query rows qb*16 + 4w .. +3 and sweeps the keys they see.
 template <typename T, int kDpl>
-__global__ void __launch_bounds__(kThreads) attention_dq_kernel(
+__global__ void __launch_bounds__(kThreads, 1) attention_dq_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, HeadStrides sq,
     HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d, float scale,
