@@ -102,6 +102,17 @@ def test_attention(ops, shape, dtype, kind, causal):
         assert_close(a, ref, dtype, f"emulated CUDA {kind} attention {name}")
 
 
+@pytest.mark.parametrize("dtype", HALF_TYPES, ids=str)
+def test_tensor_core_attention_on_unaligned_views(ops, dtype):
+    """Rows that do not start on 16 bytes (a view one element into its storage, row stride 17) are copied to
+    aligned rows by the host code before the tensor-core kernels' 16-byte loads."""
+    ops.configure(8, False)
+    q, k, v = (fresh(1, 2, 21, 17, dtype=dtype, seed=s)[..., 1:] for s in (7, 8, 9))
+    got, want = run_attention(ops, q, k, v, True)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA tensor-core attention, unaligned {name}")
+
+
 @pytest.mark.parametrize("dtype,kind", [(torch.float32, "simt"), (torch.bfloat16, "simt"),
                                         (torch.float16, "tensor-core"), (torch.bfloat16, "tensor-core")],
                          ids=["fp32-simt", "bf16-simt", "fp16-tensor-core", "bf16-tensor-core"])

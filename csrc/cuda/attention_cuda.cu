@@ -190,14 +190,25 @@ struct WmmaType<at::BFloat16> { using type = __nv_bfloat16; };
 // row-major with a pitch `ld` in elements; every pointer is 32-byte aligned and every pitch a multiple of 16 bytes.
 
 // dst (rows x kD, pitch ld) = rows row0 .. row0+rows-1 of src (row stride st, unit column stride), with zeros for
-// rows at or past `limit` and columns at or past d. Called by every thread of the block.
+// rows at or past `limit` and columns at or past d; called by every thread of the block. Moves 16-byte packs, so
+// src, st and d must keep every row start 16-byte aligned (the host sees to it: tc_aligned).
 template <typename T, int kD>
 __device__ __forceinline__ void load_tile(T* dst, int ld, int rows, const T* __restrict__ src, int64_t st,
                                           int64_t row0, int64_t limit, int d) {
-  for (int idx = threadIdx.x; idx < rows * kD; idx += kThreads) {
-    const int r = idx / kD, c = idx % kD;
+  constexpr int kVec = 16 / sizeof(T);
+  using P = Pack<T, kVec>;
+  static_assert(kD % kVec == 0, "whole packs per tile row");
+  for (int idx = threadIdx.x; idx < rows * (kD / kVec); idx += kThreads) {
+    const int r = idx / (kD / kVec), c = idx % (kD / kVec) * kVec;
     const int64_t row = row0 + r;
-    dst[r * ld + c] = (row < limit && c < d) ? src[row * st + c] : from_float<T>(0.f);
+    P p;
+    if (row < limit && c < d) {
+      p = *reinterpret_cast<const P*>(src + row * st + c);
+    } else {
+#pragma unroll
+      for (int e = 0; e < kVec; ++e) p.v[e] = from_float<T>(0.f);
+    }
+    *reinterpret_cast<P*>(dst + r * ld + c) = p;  // ld * sizeof(T) is a multiple of 16
   }
 }
 
@@ -235,19 +246,23 @@ __device__ __forceinline__ void warp_mma_ab(Acc (&acc)[kD / 16], const T* a, int
   }
 }
 
-// Rows row0 .. row0+15 of out (pitch d) = factor * acc, through the warp's fp32 scratch (16 x 16, pitch ldscr);
-// rows at or past `limit` and columns at or past d are not written.
+// Rows row0 .. row0+15 of out (pitch d, a multiple of 16, 16-bit T) = factor * acc, through the warp's fp32
+// scratch (16 x 16, pitch ldscr): per 16-column chunk, lane l writes 8 columns of row l/2 as one 16-byte store.
+// Rows at or past `limit` and chunks at or past d are not written.
 template <typename T, int kD, typename Acc>
 __device__ __forceinline__ void warp_store_rows(const Acc (&acc)[kD / 16], float* scratch, int ldscr, T* out,
                                                 int64_t row0, int64_t limit, int d, float factor) {
-  const int lane = threadIdx.x % 32;
+  static_assert(sizeof(T) == 2, "8 elements per 16-byte store");
+  const int lane = threadIdx.x % 32, r = lane / 2, c = (lane % 2) * 8;
 #pragma unroll
   for (int n = 0; n < kD / 16; ++n) {
     nvcuda::wmma::store_matrix_sync(scratch, acc[n], ldscr, nvcuda::wmma::mem_row_major);
     __syncwarp();
-    for (int e = lane; e < 16 * 16; e += 32) {
-      const int r = e / 16, c = e % 16, col = n * 16 + c;
-      if (row0 + r < limit && col < d) out[(row0 + r) * d + col] = from_float<T>(scratch[r * ldscr + c] * factor);
+    if (row0 + r < limit && n * 16 < d) {
+      Pack<T, 8> p;
+#pragma unroll
+      for (int e = 0; e < 8; ++e) p.v[e] = from_float<T>(scratch[r * ldscr + c + e] * factor);
+      *reinterpret_cast<Pack<T, 8>*>(out + (row0 + r) * d + n * 16 + c) = p;
     }
     __syncwarp();  // read before the next chunk overwrites the scratch
   }
@@ -354,12 +369,13 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     const float inv = __fdividef(1.f, l);  // l >= 1: key 0 is visible to every row
     T* orow = out + (bh * tq + i) * d;
 #pragma unroll
-    for (int n = 0; n < C::kChunks; ++n)
+    for (int n = 0; n < C::kChunks; ++n) {
+      if (n * 16 >= d) break;  // d is a multiple of 16: whole chunks are in or out
+      Pack<T, 8> p;  // this lane's 8 columns, one 16-byte store
 #pragma unroll
-      for (int e = 0; e < 8; ++e) {
-        const int col = n * 16 + side * 8 + e;
-        if (col < d) orow[col] = from_float<T>(acc[n][e] * inv);
-      }
+      for (int e = 0; e < 8; ++e) p.v[e] = from_float<T>(acc[n][e] * inv);
+      *reinterpret_cast<Pack<T, 8>*>(orow + n * 16 + side * 8) = p;
+    }
     if (side == 0) lse[bh * tq + i] = m + logf(l);
   }
 #else
@@ -736,6 +752,15 @@ bool use_tensor_cores(const at::Tensor& q, int64_t d) {
   return major >= 8;
 }
 
+// t itself if every (batch, head, row) of it starts on 16 bytes, as the tensor-core kernels' loads need (true for
+// the usual (B, T, H, D) views with d a multiple of 16), else a contiguous copy.
+at::Tensor tc_aligned(const at::Tensor& t) {
+  const int64_t pack = 16 / t.element_size();
+  const bool aligned = reinterpret_cast<uintptr_t>(t.const_data_ptr()) % 16 == 0 && t.stride(0) % pack == 0 &&
+                       t.stride(1) % pack == 0 && t.stride(2) % pack == 0;
+  return aligned ? t : t.contiguous();
+}
+
 // Calls f(std::integral_constant<int, kD>) for the tensor-core head-dim bucket (64 or 128) that holds d.
 template <typename F>
 void dispatch_tc_head_dim(int64_t d, F&& f) {
@@ -759,14 +784,15 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
     using T = decltype(tag);
     if constexpr (!std::is_same_v<T, float>) {
       if (use_tensor_cores(q, D)) {
+        const at::Tensor qa = tc_aligned(q), ka = tc_aligned(k), va = tc_aligned(v);
         const auto launch = [&](auto kd) {
           constexpr int kD = decltype(kd)::value;
           const int64_t tiles = (Tq + TcFwdConfig<kD>::kBq - 1) / TcFwdConfig<kD>::kBq;
           check_grid(B * H, tiles, op);
           launch_kernel(attention_fwd_tc_kernel<T, kD>, dim3(B * H, tiles), kThreads, 0, stream,
-                        q.const_data_ptr<T>(), k.const_data_ptr<T>(), v.const_data_ptr<T>(),
-                        out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>(), strides_of(q), strides_of(k),
-                        strides_of(v), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
+                        qa.const_data_ptr<T>(), ka.const_data_ptr<T>(), va.const_data_ptr<T>(),
+                        out.mutable_data_ptr<T>(), lse.mutable_data_ptr<float>(), strides_of(qa), strides_of(ka),
+                        strides_of(va), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
         };
         dispatch_tc_head_dim(D, launch);
         return;
@@ -812,20 +838,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
                   strides_of(dout), strides_of(out), H, Tq, D, rows);
     if constexpr (!std::is_same_v<T, float>) {
       if (use_tensor_cores(q, D)) {
+        const at::Tensor qa = tc_aligned(q), ka = tc_aligned(k), va = tc_aligned(v), da = tc_aligned(dout);
         dispatch_tc_head_dim(D, [&](auto kd) {
           constexpr int kD = decltype(kd)::value;
           constexpr int64_t own = TcBwdConfig<kD>::kOwn;
           launch_kernel(attention_dkdv_tc_kernel<T, kD>, dim3(B * H, (Tk + own - 1) / own), kThreads,
-                        sizeof(DkdvShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                        v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                        sizeof(DkdvShared<T, kD>), stream, qa.const_data_ptr<T>(), ka.const_data_ptr<T>(),
+                        va.const_data_ptr<T>(), da.const_data_ptr<T>(), lse.const_data_ptr<float>(),
                         delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(),
-                        strides_of(q), strides_of(k), strides_of(v), strides_of(dout), H, Tq, Tk, D,
+                        strides_of(qa), strides_of(ka), strides_of(va), strides_of(da), H, Tq, Tk, D,
                         static_cast<float>(scale), is_causal, drop);
           launch_kernel(attention_dq_tc_kernel<T, kD>, dim3(B * H, (Tq + own - 1) / own), kThreads,
-                        sizeof(DqShared<T, kD>), stream, q.const_data_ptr<T>(), k.const_data_ptr<T>(),
-                        v.const_data_ptr<T>(), dout.const_data_ptr<T>(), lse.const_data_ptr<float>(),
-                        delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(q), strides_of(k),
-                        strides_of(v), strides_of(dout), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
+                        sizeof(DqShared<T, kD>), stream, qa.const_data_ptr<T>(), ka.const_data_ptr<T>(),
+                        va.const_data_ptr<T>(), da.const_data_ptr<T>(), lse.const_data_ptr<float>(),
+                        delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(qa), strides_of(ka),
+                        strides_of(va), strides_of(da), H, Tq, Tk, D, static_cast<float>(scale), is_causal, drop);
         });
         return;
       }

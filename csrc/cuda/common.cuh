@@ -49,6 +49,12 @@ __device__ __forceinline__ S& dynamic_shared() {
 }
 #endif
 
+// kVec elements moved as one aligned load or store (16 bytes: 4 floats or 8 halves).
+template <typename T, int kVec>
+struct alignas(sizeof(T) * kVec) Pack {
+  T v[kVec];
+};
+
 constexpr unsigned kFullMask = 0xffffffffu;
 
 __device__ __forceinline__ float warp_sum(float x) {

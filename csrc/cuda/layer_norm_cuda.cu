@@ -21,11 +21,6 @@ constexpr int kRowsPerBlock = 4;  // warps per block, one row each
 // 64 registers, which they fit without spilling (at the default target, one dx variant spilled).
 constexpr int kPartialRows = 64;  // rows per dW/dB partial chunk
 
-template <typename T, int kVec>
-struct alignas(sizeof(T) * kVec) Pack {
-  T v[kVec];
-};
-
 struct Welford {
   float count = 0.f, mean = 0.f, m2 = 0.f;
   __device__ void add(float x) {
