@@ -1,6 +1,7 @@
 """The CUDA kernels compile for the GPUs we target, without a GPU: each .cu file goes through nvcc once for sm_80
 and sm_90 together (files in parallel), with -Xptxas -v. Registers and spills are printed per kernel (pytest -s);
-any compile error or a spill over MAX_SPILL_BYTES in a shipped kernel fails. Skipped without nvcc or with a CPU-only torch."""
+any compile error or a spill over MAX_SPILL_BYTES in a shipped kernel fails. Skipped without nvcc or with a
+CPU-only torch."""
 
 import inspect
 import os

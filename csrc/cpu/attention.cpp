@@ -180,7 +180,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
             const uint64_t base = static_cast<uint64_t>(((bh * Tq) + i0 + r) * Tk + j0);
             // Only the visible keys need a draw: past them P is exactly 0 and z stays finite from earlier rows.
             simd::dropout_factors(z.data(), visible, drop.seed, base, drop.p, drop.keep_scale);
-            for (int64_t j = 0; j < kTileK; j += kWidth) simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
+            for (int64_t j = 0; j < kTileK; j += kWidth)
+              simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
           }
         }
         // acc (bq x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.

@@ -1,9 +1,9 @@
 // A CPU emulator for the CUDA kernels of csrc/cuda, so that their code runs in the test suite on machines without
 // a GPU (tests/test_cuda_emulated.py). It covers what those kernels use and nothing more:
 //   - a block's threads are cooperative fibers (ucontext) on one OS thread, run round-robin, in thread order and
-//     in reverse order in alternate blocks (which comes first is set per test); they switch only at __syncthreads, __syncwarp and shuffles,
-//     which are barriers (exited threads stop counting, as on the GPU); a round in which no barrier opens and no
-//     thread ends is reported as a deadlock;
+//     in reverse order in alternate blocks (which comes first is set per test); they switch only at
+//     __syncthreads, __syncwarp and shuffles, which are barriers (exited threads stop counting, as on the GPU);
+//     a round in which no barrier opens and no thread ends is reported as a deadlock;
 //   - blocks run one after another, so `static` storage serves as __shared__; dynamic shared memory is refilled
 //     with 0xff bytes (NaN as floats) before every block, so reading what no thread wrote shows up in results;
 //   - WMMA fragments hold whole 16x16 tiles; every lane loads and multiplies its own copy in fp32, and the lane
@@ -185,7 +185,9 @@ V shuffle(V v, int source_lane) {
 #define gridDim (::cuda_emu::block->grid)
 
 inline void __syncthreads() { cuda_emu::wait(cuda_emu::block->block_barrier); }
-inline void __syncwarp(unsigned = 0xffffffffu) { cuda_emu::wait(cuda_emu::block->warp_barriers[cuda_emu::self().warp]); }
+inline void __syncwarp(unsigned = 0xffffffffu) {
+  cuda_emu::wait(cuda_emu::block->warp_barriers[cuda_emu::self().warp]);
+}
 template <typename V>
 V __shfl_xor_sync(unsigned, V v, int lane_mask) { return cuda_emu::shuffle(v, cuda_emu::self().lane ^ lane_mask); }
 template <typename V>
