@@ -268,6 +268,24 @@ __device__ __forceinline__ void warp_store_rows(const Acc (&acc)[kD / 16], float
   }
 }
 
+// S = A_s B_s^T and dP = A_p B_p^T for the warp's 16 x 16 block (16 x kD tiles, pitch ld), through its fp32
+// scratch: this lane gets entries (lane/2, 8*(lane%2) + e) for e < 8 of each.
+template <typename T, int kD>
+__device__ __forceinline__ void warp_scores_and_dp(const T* a_s, const T* b_s, const T* a_p, const T* b_p, int ld,
+                                                   float* scratch, int ldscr, float (&s)[8], float (&dp)[8]) {
+  const int lane = threadIdx.x % 32, offset = (lane / 2) * ldscr + (lane % 2) * 8;
+  warp_gemm_abt<T, kD>(a_s, b_s, ld, scratch, ldscr);
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < 8; ++e) s[e] = scratch[offset + e];
+  __syncwarp();  // read before dP overwrites the scratch
+  warp_gemm_abt<T, kD>(a_p, b_p, ld, scratch, ldscr);
+  __syncwarp();
+#pragma unroll
+  for (int e = 0; e < 8; ++e) dp[e] = scratch[offset + e];
+  __syncwarp();  // read before the scratch is reused
+}
+
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
@@ -622,22 +640,17 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
     __syncthreads();
     if (causal && i0 + C::kStep - 1 < jw) continue;  // warp-uniform: all of its keys come after all these rows
     // 1. S^T = K_w Q^T and dP^T = V_w dO^T (keys x rows).
-    warp_gemm_abt<T, kD>(&sh.k[warp * 16][0], &sh.q[0][0], C::kLdT, scratch, C::kLdS);
-    __syncwarp();
-    float s[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) s[e] = scratch[r * C::kLdS + half * 8 + e];
-    __syncwarp();
-    warp_gemm_abt<T, kD>(&sh.v[warp * 16][0], &sh.dout[0][0], C::kLdT, scratch, C::kLdS);
-    __syncwarp();
+    float s[8], dp[8];
+    warp_scores_and_dp<T, kD>(&sh.k[warp * 16][0], &sh.q[0][0], &sh.v[warp * 16][0], &sh.dout[0][0], C::kLdT,
+                              scratch, C::kLdS, s, dp);
     // 2. P^T and dS^T.
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int ii = half * 8 + e;
       const int64_t i = i0 + ii;
       const bool visible = i < tq && j < tk && (!causal || j <= i);
-      const ScoreGrad g = score_grad(s[e], scratch[r * C::kLdS + ii], sh.lse[ii], sh.delta[ii], visible, scale,
-                                     drop, seed, (bh * tq + i) * tk + j);
+      const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[ii], sh.delta[ii], visible, scale, drop, seed,
+                                     (bh * tq + i) * tk + j);
       sh.p[warp][r][ii] = from_float<T>(g.p_kept);
       sh.ds[warp][r][ii] = from_float<T>(g.ds);
     }
@@ -646,7 +659,6 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
     warp_mma_ab<T, kD>(dv_acc, &sh.p[warp][0][0], C::kLdP, &sh.dout[0][0], C::kLdT);
     warp_mma_ab<T, kD>(dk_acc, &sh.ds[warp][0][0], C::kLdP, &sh.q[0][0], C::kLdT);
   }
-  __syncwarp();  // every lane is past its last read of the scratch
   // dV carries the dropout's 1/(1-p) once, in fp32; dK has the softmax scale from dS.
   warp_store_rows<T, kD>(dv_acc, scratch, C::kLdS, dv + bh * tk * d, jw, tk, d, drop.keep_scale);
   warp_store_rows<T, kD>(dk_acc, scratch, C::kLdS, dk + bh * tk * d, jw, tk, d, 1.f);
@@ -692,29 +704,23 @@ __global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
     __syncthreads();
     if (causal && j0 > iw + 15) continue;  // warp-uniform: all these keys come after all of its rows
     // 1. S = Q_w K^T and dP = dO_w V^T (rows x keys).
-    warp_gemm_abt<T, kD>(&sh.q[warp * 16][0], &sh.k[0][0], C::kLdT, scratch, C::kLdS);
-    __syncwarp();
-    float s[8];
-#pragma unroll
-    for (int e = 0; e < 8; ++e) s[e] = scratch[r * C::kLdS + half * 8 + e];
-    __syncwarp();
-    warp_gemm_abt<T, kD>(&sh.dout[warp * 16][0], &sh.v[0][0], C::kLdT, scratch, C::kLdS);
-    __syncwarp();
+    float s[8], dp[8];
+    warp_scores_and_dp<T, kD>(&sh.q[warp * 16][0], &sh.k[0][0], &sh.dout[warp * 16][0], &sh.v[0][0], C::kLdT,
+                              scratch, C::kLdS, s, dp);
     // 2. dS.
 #pragma unroll
     for (int e = 0; e < 8; ++e) {
       const int jj = half * 8 + e;
       const int64_t j = j0 + jj;
       const bool visible = i < tq && j < tk && (!causal || j <= i);
-      const ScoreGrad g = score_grad(s[e], scratch[r * C::kLdS + jj], sh.lse[warp * 16 + r],
-                                     sh.delta[warp * 16 + r], visible, scale, drop, seed, (bh * tq + i) * tk + j);
+      const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[warp * 16 + r], sh.delta[warp * 16 + r], visible, scale,
+                                     drop, seed, (bh * tq + i) * tk + j);
       sh.ds[warp][r][jj] = from_float<T>(g.ds);
     }
     __syncwarp();
     // 3. dQ_w += dS K.
     warp_mma_ab<T, kD>(dq_acc, &sh.ds[warp][0][0], C::kLdP, &sh.k[0][0], C::kLdT);
   }
-  __syncwarp();  // every lane is past its last read of the scratch
   warp_store_rows<T, kD>(dq_acc, scratch, C::kLdS, dq + bh * tq * d, iw, tq, d, 1.f);
 #else
   __trap();  // never launched below sm_80 (use_tensor_cores)
