@@ -5,7 +5,8 @@ import functools
 import pytest
 import torch
 
-from kernels.backends import triton_interpreted, unavailable_reason
+from kernels.backends import unavailable_reason
+from kernels.runtime import triton_interpreted
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

@@ -14,9 +14,10 @@ from `reference.new_dropout_seed(device)`, as that call's first random draw, so 
 import contextlib
 import contextvars
 import importlib
-import os
 
 import torch
+
+from kernels.runtime import BackendUnavailable, triton_interpreted
 
 BACKENDS = ("eager", "triton", "ext")
 CHOICES = BACKENDS + ("auto",)
@@ -27,14 +28,6 @@ _MODULES = {
     "ext": ("kernels.ext_layer_norm", "kernels.ext_attention"),
 }
 _current = contextvars.ContextVar("kernels_backend", default="auto")
-
-
-class BackendUnavailable(RuntimeError):
-    """A backend that was asked for by name cannot run here; the message says why."""
-
-
-def triton_interpreted():
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
 def unavailable_reason(name):

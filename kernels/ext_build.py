@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from kernels.runtime import BackendUnavailable
+
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 # No FMA contraction: LayerNorm's dx = g*w - mean(g*w) - ... must cancel exactly when N = 1. The C++ standard is left
@@ -149,6 +151,4 @@ def require():
     """Load the extension or raise kernels.BackendUnavailable saying why."""
     reason = unavailable_reason()
     if reason is not None:
-        from kernels.backends import BackendUnavailable
-
         raise BackendUnavailable(f"kernels backend 'ext' is unavailable: {reason}")

@@ -25,7 +25,7 @@ import triton
 import triton.language as tl
 
 from kernels import reference
-from kernels.backends import triton_interpreted
+from kernels.runtime import triton_interpreted
 from kernels.triton_compat import fix_interpreter_loop_bounds, wrap_triton
 
 fix_interpreter_loop_bounds()

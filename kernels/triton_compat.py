@@ -3,7 +3,7 @@ kept apart from the kernels themselves."""
 
 import torch
 
-from kernels.backends import triton_interpreted
+from kernels.runtime import triton_interpreted
 
 
 def wrap_triton(kernel):
