@@ -44,7 +44,7 @@ def choose_kernels(requested, device_type, require_fused=False):
     auto would fall back to eager.
     """
     try:
-        chosen = backends.select(requested, backends.ATTENTION, device_type, torch.float32)
+        chosen = backends.backend_for(requested, "attention", device_type, torch.float32)
     except (ValueError, TypeError, backends.BackendUnavailable) as e:
         raise ChargptError(str(e)) from None
     if require_fused and chosen == "eager":

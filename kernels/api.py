@@ -2,16 +2,17 @@
 
 import math
 import warnings
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 
-from kernels import backends
+from kernels import backends, reference
 
 MAX_HEAD_DIM = 256
 # Held at import, so the fallback still reaches torch after a user swaps F.scaled_dot_product_attention for ours.
 _torch_sdpa = F.scaled_dot_product_attention
-_warned = set()
+_warned = set()  # fallback reasons already warned about: a fixed set of sentences, so it cannot grow
 
 
 def _check_float_tensors(op, **tensors):
@@ -36,48 +37,75 @@ def _float_tensors_ok(first, *others):
                for t in others)
 
 
-def _attention_problem(q, k, v, dropout_p, scale):
-    """None for a request every backend can run, else what is wrong with it (shapes as (B, H, T, D))."""
-    if _attention_ok(q, k, v, dropout_p, scale):  # the common case, checked with few Python operations
-        return None
-    _check_float_tensors("attention", q=q, k=k, v=v)
-    if not 0.0 <= dropout_p < 1.0:
-        return f"dropout_p must be in [0, 1), got {dropout_p}"
-    if scale is not None and not (isinstance(scale, (int, float)) and math.isfinite(scale)):
-        return f"scale must be a finite number or None, got {scale!r}"
-    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
-        return f"q, k, v must be 4-D (B, H, T, D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"
-    if k.shape != v.shape:
-        return f"k and v must have the same shape, got {tuple(k.shape)} and {tuple(v.shape)}"
-    if q.shape[:2] != k.shape[:2] or q.shape[-1] != k.shape[-1]:
-        return f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B, H and D"
-    if q.shape[2] < 1 or k.shape[2] < 1:
-        return f"sequence lengths must be >= 1, got Tq={q.shape[2]}, Tk={k.shape[2]}"
-    if not 1 <= q.shape[-1] <= MAX_HEAD_DIM:
-        return f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"
+# The one accept-rule of the fused attention: (test, why torch's sdpa is used instead, what exactly is wrong).
+# `causal_attention` raises the detail of the first failed test; `scaled_dot_product_attention` falls back to
+# torch and warns once per reason (reasons never name shapes, so decoding token by token warns once, not per step).
+_ATTENTION_RULES = (
+    (lambda q, k, v, p, s: q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+     "only 4-D (B, H, T, D) inputs are fused",
+     lambda q, k, v, p, s: f"q, k, v must be 4-D (B, H, T, D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"),
+    (lambda q, k, v, p, s: k.shape == v.shape and q.shape[-1] == k.shape[-1],
+     "a value head dim unlike the query's is not fused",
+     lambda q, k, v, p, s: f"k and v must have the same shape and q k's head dim, got q {tuple(q.shape)}, "
+                           f"k {tuple(k.shape)}, v {tuple(v.shape)}"),
+    (lambda q, k, v, p, s: q.shape[0] == k.shape[0], "broadcasting the batch dim is not fused",
+     lambda q, k, v, p, s: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B"),
+    (lambda q, k, v, p, s: q.shape[1] == k.shape[1], "GQA (fewer key/value heads than query heads) is not fused",
+     lambda q, k, v, p, s: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in H"),
+    (lambda q, k, v, p, s: q.shape[-1] <= MAX_HEAD_DIM, f"head dims over {MAX_HEAD_DIM} are not fused",
+     lambda q, k, v, p, s: f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"),
+    (lambda q, k, v, p, s: isinstance(p, (int, float)) and 0.0 <= p < 1.0, "dropout_p outside [0, 1) is not fused",
+     lambda q, k, v, p, s: f"dropout_p must be in [0, 1), got {p!r}"),
+    (lambda q, k, v, p, s: s is None or (isinstance(s, (int, float)) and math.isfinite(s)),
+     "a non-finite scale is not fused",
+     lambda q, k, v, p, s: f"scale must be a finite number or None, got {s!r}"),
+)
+
+
+def _attention_refusal(q, k, v, dropout_p, scale):
+    """None when the fused kernels take this (validated float tensors) request, else (reason, detail)."""
+    for accepts, reason, detail in _ATTENTION_RULES:
+        if not accepts(q, k, v, dropout_p, scale):
+            return reason, detail(q, k, v, dropout_p, scale)
     return None
 
 
-def _attention_ok(q, k, v, dropout_p, scale):
-    """True only for requests `_attention_problem` accepts: the same conditions, tested cheaply."""
-    if not (_float_tensors_ok(q, k, v) and isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0
-            and (scale is None or (isinstance(scale, (int, float)) and math.isfinite(scale)))):
-        return False
-    qs, ks = q.shape, k.shape
-    return (len(qs) == 4 and len(ks) == 4 and ks == v.shape and qs[0] == ks[0] and qs[1] == ks[1]
-            and qs[3] == ks[3] and qs[2] >= 1 and ks[2] >= 1 and 1 <= qs[3] <= MAX_HEAD_DIM)
+def _is_empty(*tensors):
+    return any(t.numel() == 0 for t in tensors)
 
 
-def causal_attention(q, k, v, dropout_p=0.0, scale=None, backend=None):
-    """Causal softmax(q k^T * scale) v for (B, H, T, D) tensors on a fused backend; raises on anything unsupported.
+def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
+                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Causal softmax(q k^T * scale) v on a fused backend; raises on anything the kernels do not take.
 
-    scale defaults to 1/sqrt(D). Dropout on the attention weights is drawn inside the kernel from torch's RNG.
+    Arguments:
+        q: (B, H, Tq, D) float tensor; k, v: (B, H, Tk, D), same dtype and device. Any strides; D <= 256.
+        dropout_p: dropout on the attention weights, in [0, 1), drawn inside the kernel from torch's RNG
+            (kernels.reference states the mask: same seed, same mask).
+        scale: multiplies q k^T; None means 1/sqrt(D). Any finite number.
+        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+
+    Returns:
+        (B, H, Tq, D) tensor of q's dtype. Query i sees keys j <= i: the causal mask is aligned to the top-left
+        corner, as torch's is_causal=True (FlashAttention >= 2.1 aligns bottom-right). 1 = attends:
+
+            Tq = 2, Tk = 5:      Tq = 5, Tk = 2:
+                1 0 0 0 0            1 0
+                1 1 0 0 0            1 1
+                                     1 1  (rows past Tk see every key)
+
+    Raises:
+        TypeError / ValueError naming the problem (non-float, mixed dtypes or devices, bad shapes, D > 256).
+        kernels.BackendUnavailable when the backend asked for cannot run here.
     """
-    problem = _attention_problem(q, k, v, dropout_p, scale)
-    if problem is not None:
-        raise ValueError(f"causal_attention: {problem}")
+    _check_float_tensors("causal_attention", q=q, k=k, v=v)
+    refusal = _attention_refusal(q, k, v, dropout_p, scale)
+    if refusal is not None:
+        raise ValueError(f"causal_attention: {refusal[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return backends.resolve(backend, backends.ATTENTION, q).attention(q, k, v, True, float(dropout_p), scale)
+    if _is_empty(q, k, v):  # empty in, empty out (keys: none, so every weight row is empty and the output 0)
+        return reference.attention(q, k, v, True, float(dropout_p), scale)
+    return backends.implementation(backend, "attention", q)(q, k, v, True, float(dropout_p), scale)
 
 
 def _fall_back(reason):
@@ -86,40 +114,77 @@ def _fall_back(reason):
         warnings.warn(f"kernels.scaled_dot_product_attention: {reason}; using torch's implementation", stacklevel=3)
 
 
-def scaled_dot_product_attention(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
-                                 enable_gqa=False):
-    """Drop-in for F.scaled_dot_product_attention: fused for attn_mask=None, torch (warned once) otherwise.
+def _fold_heads(t):
+    """(..., H, T, D) -> (prod(...), H, T, D) and (T, D) -> (1, 1, T, D): the kernels' 4-D view."""
+    return t.reshape(1, 1, *t.shape) if t.dim() == 2 else t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
 
-    Any leading dims are folded into (B, H); an explicit mask, GQA, a value dim unlike the query's or D > 256
-    go to torch's own implementation.
+
+def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                                 attn_mask: Optional[torch.Tensor] = None, dropout_p: float = 0.0,
+                                 is_causal: bool = False, scale: Optional[float] = None,
+                                 enable_gqa: bool = False) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.scaled_dot_product_attention: same arguments, same result.
+
+    Arguments:
+        query: (..., Hq, Tq, D); key, value: (..., Hk, Tk, D). Leading dims are folded into one batch dim.
+        attn_mask, dropout_p, is_causal, scale, enable_gqa: as in torch. is_causal aligns top-left (see
+            `causal_attention` for the picture when Tq != Tk).
+
+    Returns:
+        (..., Hq, Tq, D), the query's dtype.
+
+    Fused for attn_mask=None with matching heads, head dim <= 256, dropout_p in [0, 1) and a finite scale.
+    Anything else runs torch's own implementation, with one warning per reason (not per call or shape).
     """
     if not _float_tensors_ok(query, key, value):
         _check_float_tensors("scaled_dot_product_attention", query=query, key=key, value=value)
-    torch_sdpa = lambda: _torch_sdpa(  # noqa: E731
-        query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-        enable_gqa=enable_gqa)
+
+    def torch_sdpa():
+        return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
+                           scale=scale, enable_gqa=enable_gqa)
+
     if attn_mask is not None:
         _fall_back("an explicit attn_mask is not fused")
         return torch_sdpa()
-    if query.dim() < 2 or query.dim() != key.dim() or key.shape != value.shape:
-        _fall_back("these shapes are not fused")
+    if query.dim() < 2 or query.dim() != key.dim() or key.dim() != value.dim():
+        _fall_back("inputs of different ranks are not fused")
         return torch_sdpa()
-    lead = query.shape[:-2]
+    if _is_empty(query, key, value):
+        return torch_sdpa()  # torch defines the empty results (and their errors); nothing to fuse
     if query.dim() != 4:
-        flat = lambda t: t.reshape(1, -1, *t.shape[-2:])  # noqa: E731
-        out = scaled_dot_product_attention(flat(query), flat(key), flat(value), None, dropout_p, is_causal, scale)
-        return out.reshape(*lead, *out.shape[-2:])
-    problem = _attention_problem(query, key, value, dropout_p, scale)
-    if problem is not None:
-        _fall_back(problem)
+        if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+            _fall_back("broadcasting the batch dims is not fused")
+            return torch_sdpa()
+        out = scaled_dot_product_attention(_fold_heads(query), _fold_heads(key), _fold_heads(value), None,
+                                           dropout_p, is_causal, scale, enable_gqa)
+        return out.reshape(*query.shape[:-1], out.shape[-1])
+    refusal = _attention_refusal(query, key, value, dropout_p, scale)
+    if refusal is not None:
+        _fall_back(refusal[0])
         return torch_sdpa()
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    module = backends.resolve(None, backends.ATTENTION, query)
-    return module.attention(query, key, value, bool(is_causal), float(dropout_p), scale)
+    return backends.implementation(None, "attention", query)(query, key, value, bool(is_causal), float(dropout_p),
+                                                             scale)
 
 
-def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, backend=None):
-    """F.layer_norm-compatible LayerNorm on a fused backend: statistics over the trailing `normalized_shape`."""
+def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
+               weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: float = 1e-5,
+               backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.layer_norm on a fused backend.
+
+    Arguments:
+        input: (..., *normalized_shape) float tensor, any strides.
+        normalized_shape: the trailing dims to normalize over (an int for one dim).
+        weight, bias: normalized_shape-shaped tensors of input's dtype and device, or None.
+        eps: added to the biased variance; must be > 0 (torch computes something for eps <= 0; we raise).
+        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+
+    Returns:
+        A tensor of input's shape and dtype: (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32.
+
+    Raises:
+        TypeError / ValueError naming the problem; kernels.BackendUnavailable when the backend cannot run here.
+    """
     # The common case (one normalized dim, matching tensors), checked and dispatched with few Python operations:
     # at small shapes the Python around the kernel costs more than the kernel.
     n = normalized_shape if isinstance(normalized_shape, int) else (
@@ -127,11 +192,11 @@ def layer_norm(input, normalized_shape, weight=None, bias=None, eps=1e-5, backen
     if (isinstance(n, int) and _float_tensors_ok(input, weight, bias) and input.dim() >= 1 and input.shape[-1] == n
             and (weight is None or (weight.dim() == 1 and weight.shape[0] == n))
             and (bias is None or (bias.dim() == 1 and bias.shape[0] == n))
-            and isinstance(eps, (int, float)) and eps > 0):
-        module = backends.resolve(backend, backends.LAYER_NORM, input)
+            and isinstance(eps, (int, float)) and eps > 0 and input.numel() > 0):
+        fn = backends.implementation(backend, "layer_norm", input)
         if input.dim() == 2:
-            return module.layer_norm(input, weight, bias, float(eps))
-        return module.layer_norm(input.reshape(-1, n), weight, bias, float(eps)).view(input.shape)
+            return fn(input, weight, bias, float(eps))
+        return fn(input.reshape(-1, n), weight, bias, float(eps)).view(input.shape)
     return _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend)
 
 
@@ -153,7 +218,8 @@ def _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend):
     if not (isinstance(eps, (int, float)) and eps > 0):
         raise ValueError(f"layer_norm: eps must be a positive number, got {eps!r}")
     n = math.prod(normalized_shape)
-    module = backends.resolve(backend, backends.LAYER_NORM, input)
     flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
-    y = module.layer_norm(input.reshape(-1, n), flat(weight), flat(bias), float(eps))
-    return y.view(input.shape)
+    if input.numel() == 0:  # empty in, empty out, like torch (and still differentiable)
+        return reference.layer_norm(input.reshape(-1, n), flat(weight), flat(bias), float(eps)).view(input.shape)
+    fn = backends.implementation(backend, "layer_norm", input)
+    return fn(input.reshape(-1, n), flat(weight), flat(bias), float(eps)).view(input.shape)

@@ -1,64 +1,87 @@
 """Backend selection: the one place that decides which implementation runs an op.
 
-A backend is a pair of modules, one per op family, each exposing the same small interface:
+A backend maps op names to modules. Every module named for an op exposes a function of that name and a
+`SUPPORTED_DTYPES = {"cpu": (...), "cuda": (...)}` table (eager takes every float dtype):
 
     layer_norm(x, weight, bias, eps) -> y            x: (M, N); weight, bias: (N,) or None
     attention(q, k, v, is_causal, dropout_p, scale)  q: (B, H, Tq, D); k, v: (B, H, Tk, D)
-    SUPPORTED_DTYPES = {"cpu": (...), "cuda": (...)}   # eager (kernels.reference) takes every float dtype
 
 Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
 Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
 from `reference.new_dropout_seed(device)`, as that call's first random draw, so a test can predict the mask.
+
+Adding an op: a function of that name in each backend's module (or a new module, named in `BACKENDS` below).
+Adding a backend: one `Backend` entry below, with the check that says whether it can run here.
 """
 
 import contextlib
 import contextvars
 import importlib
+from dataclasses import dataclass
+from typing import Callable, Optional
 
 import torch
 
 from kernels.runtime import BackendUnavailable, triton_interpreted
 
-BACKENDS = ("eager", "triton", "ext")
-CHOICES = BACKENDS + ("auto",)
 
-_MODULES = {
-    "eager": ("kernels.reference", "kernels.reference"),
-    "triton": ("kernels.triton_layer_norm", "kernels.triton_attention"),
-    "ext": ("kernels.ext_layer_norm", "kernels.ext_attention"),
+def _triton_unavailable() -> Optional[str]:
+    try:
+        importlib.import_module("triton")
+    except ImportError:
+        return "triton is not installed"
+    if not (torch.cuda.is_available() or triton_interpreted()):
+        return "triton needs a CUDA GPU (or TRITON_INTERPRET=1, set before triton is imported, to run on CPU)"
+    return None
+
+
+def _ext_unavailable() -> Optional[str]:
+    from kernels import ext_build  # imported on demand: it builds the extension on first call
+
+    return ext_build.unavailable_reason()
+
+
+@dataclass(frozen=True)
+class Backend:
+    modules: dict  # op name -> module path; the module has a function of the op's name
+    unavailable: Callable[[], Optional[str]]  # None when the backend can run here, else one sentence why not
+    devices: tuple  # device types `auto` may pick it for, best backend first across the table
+
+
+BACKENDS = {
+    "eager": Backend({"layer_norm": "kernels.reference", "attention": "kernels.reference"}, lambda: None, ()),
+    "triton": Backend({"layer_norm": "kernels.triton_layer_norm", "attention": "kernels.triton_attention"},
+                      _triton_unavailable, ("cuda",)),
+    "ext": Backend({"layer_norm": "kernels.ext_layer_norm", "attention": "kernels.ext_attention"},
+                   _ext_unavailable, ("cuda", "cpu")),
 }
+CHOICES = (*BACKENDS, "auto")
+OPS = ("layer_norm", "attention")
+
 _current = contextvars.ContextVar("kernels_backend", default="auto")
 
 
-def unavailable_reason(name):
+def _check_choice(name):
+    if name not in CHOICES:
+        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
+
+
+def unavailable_reason(name: str) -> Optional[str]:
     """None when backend `name` can run on this machine, else one sentence saying why not."""
-    if name == "eager":
-        return None
-    if name == "triton":
-        try:
-            importlib.import_module("triton")
-        except ImportError:
-            return "triton is not installed"
-        if not (torch.cuda.is_available() or triton_interpreted()):
-            return "triton needs a CUDA GPU (or TRITON_INTERPRET=1, set before triton is imported, to run on CPU)"
-        return None
-    if name == "ext":
-        from kernels import ext_build
-
-        return ext_build.unavailable_reason()
-    raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
+    if name not in BACKENDS:
+        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name].unavailable()
 
 
-def available_backends():
+def available_backends() -> list:
     """The backends that can run here, e.g. ['eager', 'triton', 'ext']."""
     return [name for name in BACKENDS if unavailable_reason(name) is None]
 
 
 @contextlib.contextmanager
-def use_backend(name):
-    """Run the ops inside the block on backend `name` (one of eager, triton, ext, auto)."""
-    if name not in CHOICES:
-        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
+def use_backend(name: str):
+    """Run the kernels ops inside the block on backend `name` (one of eager, triton, ext, auto)."""
+    _check_choice(name)
     token = _current.set(name)
     try:
         yield
@@ -66,16 +89,14 @@ def use_backend(name):
         _current.reset(token)
 
 
-def current_backend():
+def current_backend() -> str:
+    """The backend name ops use when called with backend=None: 'auto' unless a `use_backend` block says else."""
     return _current.get()
 
 
-LAYER_NORM, ATTENTION = 0, 1  # index of an op family in _MODULES
-
-
 class _LazyModule:
-    """A backend module, imported on first use by `select`. torch.compile cannot trace an import, but it can read
-    `.module` of this (never replaced) object once `select` has run outside the trace."""
+    """A backend module, imported on first use. torch.compile cannot trace an import, but it can read `.module`
+    of this (never replaced) object once `backend_for` has run outside the trace."""
 
     def __init__(self, path):
         self.path, self.module = path, None
@@ -86,12 +107,12 @@ class _LazyModule:
         return self.module
 
 
-_IMPLS = {(name, op): _LazyModule(path) for name, paths in _MODULES.items() for op, path in enumerate(paths)}
+_IMPLS = {(name, op): _LazyModule(path) for name, backend in BACKENDS.items() for op, path in backend.modules.items()}
 
 
-def fused_candidates(device_type):
+def fused_candidates(device_type: str) -> tuple:
     """The fused backends `auto` tries for tensors on `device_type`, best first."""
-    return ("triton", "ext") if device_type == "cuda" else ("ext",)
+    return tuple(name for name, backend in BACKENDS.items() if device_type in backend.devices)
 
 
 def _supports(name, op, device_type, dtype):
@@ -101,17 +122,18 @@ def _supports(name, op, device_type, dtype):
 
 
 @torch.compiler.assume_constant_result
-def select(name, op, device_type, dtype):
-    """The backend that runs `op` (LAYER_NORM or ATTENTION) on `dtype` tensors of `device_type` when `name`
-    (eager, triton, ext, auto or None for the current one) is asked for; raises when that cannot work.
+def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dtype) -> str:
+    """The name of the backend that runs `op` on `dtype` tensors of `device_type` when `name` (eager, triton, ext,
+    auto, or None for the current one) is asked for; raises when that cannot work.
 
-    `auto` prefers triton for CUDA tensors and ext for CPU tensors, falling back to eager for anything the
-    fused backends cannot take (another device, float64, ...). A backend named explicitly either runs or raises.
+    `auto` prefers triton for CUDA tensors and ext for CPU tensors, falling back to eager for anything the fused
+    backends cannot take (another device, float64, ...). A backend named explicitly either runs or raises.
     torch.compile runs this once while tracing and keeps the answer, so a compiled graph keeps its backend.
     """
     name = name or _current.get()
-    if name not in CHOICES:
-        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
+    _check_choice(name)
+    if op not in OPS:
+        raise ValueError(f"unknown kernels op {op!r}; the ops are {', '.join(OPS)}")
     if name == "auto":
         name = next((candidate for candidate in fused_candidates(device_type) if unavailable_reason(candidate) is None
                      and _supports(candidate, op, device_type, dtype)), "eager")
@@ -128,15 +150,16 @@ def select(name, op, device_type, dtype):
     return name
 
 
-_resolved = {}  # (name or the current one, op, device, dtype) -> module, for choices `select` made before
+_chosen = {}  # (name or the current one, op, device, dtype) -> function, for choices `backend_for` made before
 
 
-def resolve(name, op, tensor):
-    """The module implementing `op` for `tensor` on backend `name` (see `select`)."""
-    if not torch.compiler.is_compiling():  # eager calls: a dict lookup instead of select's ~1.5 us of Python
+def implementation(name: Optional[str], op: str, tensor: torch.Tensor) -> Callable:
+    """The function implementing `op` for `tensor` on backend `name` (see `backend_for`)."""
+    if not torch.compiler.is_compiling():  # eager calls: a dict lookup instead of backend_for's ~1.5 us of Python
         key = (name or _current.get(), op, tensor.device, tensor.dtype)
-        module = _resolved.get(key)
-        if module is None:  # only successful choices are kept; whatever select raises, it raises every time
-            module = _resolved[key] = _IMPLS[select(key[0], op, tensor.device.type, tensor.dtype), op].module
-        return module
-    return _IMPLS[select(name, op, tensor.device.type, tensor.dtype), op].module
+        fn = _chosen.get(key)
+        if fn is None:  # only successful choices are kept; whatever backend_for raises, it raises every time
+            chosen = backend_for(key[0], op, tensor.device.type, tensor.dtype)
+            fn = _chosen[key] = getattr(_IMPLS[chosen, op].module, op)
+        return fn
+    return getattr(_IMPLS[backend_for(name, op, tensor.device.type, tensor.dtype), op].module, op)

@@ -34,9 +34,9 @@ def require_backend(name, device, dtype=torch.float32):
         pytest.skip(f"backend {name} unavailable: {reason}")
     if name == "triton" and device == "cpu" and torch.cuda.is_available():
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, which this CUDA run does not set")
-    for op in (backends.LAYER_NORM, backends.ATTENTION):
+    for op in backends.OPS:
         try:
-            backends.select(name, op, device, dtype)
+            backends.backend_for(name, op, device, dtype)
         except TypeError as unsupported:
             pytest.skip(str(unsupported))
 
