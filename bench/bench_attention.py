@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.testing import attention_inputs, check_against_reference
 from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (B, H, T, D, dropout_p)
@@ -32,14 +33,31 @@ def attention_fn(backend):
     return lambda q, k, v, p: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
 
 
+def validation(backend, attend, q, k, v, p, backward):
+    """Checks one batch element and two heads of the case against the float64 reference (the same kernels and
+    configs run; a float64 (B, H, T, T) of the whole case would not fit). triton and ext draw the dropout mask that
+    kernels.reference specifies, so they are checked with dropout; torch and eager draw masks of their own, so their
+    math is checked at p = 0."""
+    p = p if backend in ("triton", "ext") else 0.0
+
+    def expected(q, k, v):
+        mask = None
+        if p > 0.0:
+            seed = int(reference.new_dropout_seed(q.device))
+            mask = reference.dropout_keep_mask(seed, *q.shape[:3], k.shape[2], p, q.device)
+        return reference.attention(q, k, v, True, p, dropout_mask=mask)
+
+    inputs = tuple(t[:1, :2] for t in (q, k, v))
+    return lambda: check_against_reference(lambda q, k, v: attend(q, k, v, p), expected, inputs, DTYPE,
+                                           f"attention {backend} p={p}", backward=backward)
+
+
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("shape,backend", CASES, ids=[f"{'x'.join(map(str, s))}-{b}" for s, b in CASES])
 def test_attention(timed, shape, backend, mode):
     skip_unless_runnable(backend)
     b, h, t, d, p = shape
-    # nanoGPT's layout: (B, T, H, D) storage seen as (B, H, T, D) views.
-    q, k, v = (torch.randn(b, t, h, d, device=DEVICE, dtype=DTYPE).transpose(1, 2).requires_grad_(mode != "fwd")
-               for _ in range(3))
+    q, k, v = attention_inputs(b, h, t, t, d, DEVICE, DTYPE, seed=0, requires_grad=mode != "fwd")  # nanoGPT's layout
     grad = torch.randn(b, h, t, d, device=DEVICE, dtype=DTYPE)
     attend = attention_fn(backend)
     if mode == "fwd":
@@ -52,4 +70,5 @@ def test_attention(timed, shape, backend, mode):
     flop = 2 * b * h * t * t * d * (1 if mode == "fwd" else 3.5)
     info = dict(op="attention", mode=mode, shape=f"B={b} H={h} T={t} D={d}" + (f" p={p}" if p else ""),
                 dtype=str(DTYPE).removeprefix("torch."))
-    timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop})
+    timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop},
+          validation(backend, attend, q, k, v, p, backward=mode != "fwd"))

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.testing import check_against_reference, layer_norm_inputs
 from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (rows, N, dtype)
@@ -36,8 +37,7 @@ def layer_norm_fn(backend):
 def test_layer_norm(timed, shape, backend, mode):
     skip_unless_runnable(backend)
     rows, n, dtype = shape
-    make = lambda *s: torch.randn(*s, device=DEVICE, dtype=dtype).requires_grad_(mode != "fwd")  # noqa: E731
-    x, w, b = make(rows, n), make(n), make(n)
+    x, w, b = layer_norm_inputs((rows,), n, DEVICE, dtype, True, True, seed=0, requires_grad=mode != "fwd")
     grad = torch.randn(rows, n, device=DEVICE, dtype=dtype)
     norm = layer_norm_fn(backend)
     if mode == "fwd":
@@ -49,4 +49,9 @@ def test_layer_norm(timed, shape, backend, mode):
             torch.autograd.grad(norm(x, w, b), (x, w, b), grad)
     moved = rows * n * x.element_size() * (2 if mode == "fwd" else 5)
     info = dict(op="layer_norm", mode=mode, shape=f"{rows}x{n}", dtype=str(dtype).removeprefix("torch."))
-    timed(fn, f"layer_norm {mode} {info['shape']} {info['dtype']}", backend, info, {"bytes": moved})
+
+    def check():
+        check_against_reference(norm, reference.layer_norm, (x, w, b), dtype, f"layer_norm {backend}",
+                                backward=mode != "fwd")
+
+    timed(fn, f"layer_norm {mode} {info['shape']} {info['dtype']}", backend, info, {"bytes": moved}, check)

@@ -2,6 +2,8 @@
 against the eager backend in the same run. gpt-cpu on CPU, gpt (bf16 autocast) on CUDA."""
 
 import contextlib
+import dataclasses
+import math
 
 import pytest
 import torch
@@ -36,6 +38,16 @@ def test_train_step(timed, backend):
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
+    def check():
+        """The backend's loss on the first batch equals the eager model's, dropout off (same weights)."""
+        eager = build_model(dataclasses.replace(preset.model, kernels="eager")).to(DEVICE)
+        eager.load_state_dict(model.state_dict())
+        model.eval()
+        with torch.no_grad(), autocast:
+            got, want = forward(x, y)[1].item(), eager(x, y)[1].item()
+        model.train()
+        assert math.isclose(got, want, rel_tol=2e-2 if DEVICE == "cuda" else 1e-5), f"{backend} loss {got} != {want}"
+
     dtype = "bfloat16 autocast" if DEVICE == "cuda" else "float32"
     info = dict(op="train_step", mode=PRESET, shape=f"batch {batch} x block {block}", dtype=dtype)
-    timed(step, f"train_step {PRESET}", backend, info, {"tokens": batch * block}, baseline="eager")
+    timed(step, f"train_step {PRESET}", backend, info, {"tokens": batch * block}, check, baseline="eager")

@@ -12,10 +12,9 @@ import pytest  # noqa: E402
 
 from kernels import backends  # noqa: E402
 from kernels.backends import unavailable_reason  # noqa: E402
+from kernels.testing import TOLERANCE, assert_close  # noqa: E402, F401 (re-exported to the test modules)
 
 FUSED_BACKENDS = ("triton", "ext")
-# (rtol, atol) against the float64 reference, by input dtype.
-TOLERANCE = {torch.float32: (2e-5, 2e-5), torch.float16: (1e-2, 1e-2), torch.bfloat16: (2e-2, 2e-2)}
 
 
 def device_dtype_params():
@@ -39,18 +38,3 @@ def require_backend(name, device, dtype=torch.float32):
             backends.backend_for(name, op, device, dtype)
         except TypeError as unsupported:
             pytest.skip(str(unsupported))
-
-
-def assert_close(actual, expected, dtype, what):
-    """Compare a kernel result with the float64 reference; the message reports max abs and relative error.
-
-    atol is relative to the reference's largest magnitude, so sums over many rows (dW, dB) get a fair bound."""
-    assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    rtol, atol = TOLERANCE[dtype]
-    actual, expected = actual.double(), expected.double()
-    atol *= max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    err = (actual - expected).abs()
-    worst = err.max().item() if err.numel() else 0.0
-    rel = (err / expected.abs().clamp_min(1e-6)).max().item() if err.numel() else 0.0
-    ok = torch.allclose(actual, expected, rtol=rtol, atol=atol)
-    assert ok, f"{what}: max abs err {worst:.3g}, max rel err {rel:.3g} (rtol {rtol}, atol {atol:.3g})"

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.testing import attention_inputs
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 # (B, H, Tq, Tk, D): odd lengths, odd head dims, a single token, Tq != Tk.
@@ -22,15 +23,6 @@ SHAPES = [
     (1, 1, 7, 7, 256),
     (2, 2, 5, 19, 32),
 ]
-
-
-def make_qkv(b, h, tq, tk, d, device, dtype, seed):
-    """Fresh random q, k, v as nanoGPT makes them: (B, T, H, D) storage viewed as (B, H, T, D), non-contiguous."""
-    gen = torch.Generator().manual_seed(seed)
-    q = torch.randn(b, tq, h, d, generator=gen).transpose(1, 2)
-    kv = torch.randn(b, tk, 2, h, d, generator=gen).permute(2, 0, 3, 1, 4)
-    to = lambda t: t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return to(q), to(kv[0]), to(kv[1])
 
 
 def run_both(backend, q, k, v, is_causal, dropout_p=0.0, scale=None, mask=None):
@@ -51,7 +43,7 @@ def run_both(backend, q, k, v, is_causal, dropout_p=0.0, scale=None, mask=None):
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_reference(backend, device, dtype, is_causal, shape):
     require_backend(backend, device, dtype)
-    q, k, v = make_qkv(*shape, device, dtype, seed=hash((shape, is_causal)) % 2**31)
+    q, k, v = attention_inputs(*shape, device, dtype, seed=hash((shape, is_causal)) % 2**31)
     got, want = run_both(backend, q, k, v, is_causal)
     assert got[0].dtype == dtype and got[0].shape == want[0].shape
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, want):
@@ -62,7 +54,7 @@ def test_matches_reference(backend, device, dtype, is_causal, shape):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 def test_custom_scale_and_causal_attention_api(backend, device, dtype):
     require_backend(backend, device, dtype)
-    q, k, v = make_qkv(2, 2, 33, 33, 48, device, dtype, seed=5)
+    q, k, v = attention_inputs(2, 2, 33, 33, 48, device, dtype, seed=5)
     out = kernels.causal_attention(q, k, v, scale=0.3, backend=backend)
     ref = reference.attention(q.double(), k.double(), v.double(), True, scale=0.3)
     assert_close(out, ref, dtype, f"{backend} scale=0.3")
@@ -76,7 +68,7 @@ def test_dropout_uses_the_specified_mask(backend, device, dtype, is_causal, d):
     """The kernel's dropout is exactly the Philox mask of kernels.reference: checked on output and gradients."""
     require_backend(backend, device, dtype)
     b, h, t, p = 2, 3, 37, 0.3
-    q, k, v = make_qkv(b, h, t, t, d, device, dtype, seed=11)
+    q, k, v = attention_inputs(b, h, t, t, d, device, dtype, seed=11)
     torch.manual_seed(1234)
     seed = int(reference.new_dropout_seed(device))
     mask = reference.dropout_keep_mask(seed, b, h, t, t, p, device=device)
@@ -120,7 +112,7 @@ def test_cuda_matches_torch_sdpa(backend):
         pytest.skip("needs a CUDA GPU")
     require_backend(backend, "cuda")
     for dtype in (torch.float16, torch.bfloat16):
-        q, k, v = make_qkv(4, 6, 256, 256, 64, "cuda", dtype, seed=3)
+        q, k, v = attention_inputs(4, 6, 256, 256, 64, "cuda", dtype, seed=3)
         with kernels.use_backend(backend):
             out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)

@@ -11,21 +11,10 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+from kernels.testing import check_against_reference, layer_norm_inputs
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
-
-
-def make_inputs(lead, n, device, dtype, weight, bias, seed, contiguous=True):
-    """Fresh random input with a non-zero mean and spread, so centring and scaling are both exercised."""
-    gen = torch.Generator().manual_seed(seed)
-    x = torch.randn(*lead, n, generator=gen) * 2.0 + 0.5
-    if not contiguous:  # a strided view, as a slice of a wider activation would be
-        x = torch.randn(*lead, 2 * n, generator=gen)[..., ::2] * 2.0 + 0.5
-    make = lambda on: (torch.randn(n, generator=gen) + 1.0) if on else None  # noqa: E731
-    w, b = make(weight), make(bias)
-    to = lambda t: None if t is None else t.to(device=device, dtype=dtype).requires_grad_()  # noqa: E731
-    return to(x), to(w), to(b)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -34,20 +23,12 @@ def make_inputs(lead, n, device, dtype, weight, bias, seed, contiguous=True):
 @pytest.mark.parametrize("n", [1, 7, 384, 1000, 4099])
 def test_matches_reference(backend, device, dtype, weight, bias, n):
     require_backend(backend, device, dtype)
-    x, w, b = make_inputs((3, 5), n, device, dtype, weight, bias, seed=n, contiguous=(n % 2 == 0))
+    x, w, b = layer_norm_inputs((3, 5), n, device, dtype, weight, bias, seed=n, contiguous=(n % 2 == 0))
     with kernels.use_backend(backend):
-        y = kernels.layer_norm(x, (n,), w, b, eps=1e-5)
+        y = check_against_reference(lambda x, w, b: kernels.layer_norm(x, (n,), w, b, eps=1e-5),
+                                    lambda x, w, b: reference.layer_norm(x, w, b, eps=1e-5), (x, w, b), dtype,
+                                    f"{backend} n={n}")
     assert y.dtype == dtype and y.shape == x.shape
-    leaves = [t for t in (x, w, b) if t is not None]
-    grad = torch.randn_like(y)
-    grads = torch.autograd.grad(y, leaves, grad)
-    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
-    x64, w64, b64 = leaves64[0], (leaves64[1] if weight else None), (leaves64[-1] if bias else None)
-    ref = reference.layer_norm(x64, w64, b64, eps=1e-5)
-    ref_grads = torch.autograd.grad(ref, leaves64, grad.double())
-    assert_close(y, ref, dtype, f"{backend} y")
-    for name, a, r in zip(("dx", "dw" if weight else "db", "db"), grads, ref_grads):
-        assert_close(a, r, dtype, f"{backend} {name} (n={n})")
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -68,7 +49,7 @@ def test_cuda_matches_torch_layer_norm(backend):
         pytest.skip("needs a CUDA GPU")
     require_backend(backend, "cuda")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
-        x, w, b = make_inputs((16384,), 384, "cuda", dtype, True, True, seed=1)
+        x, w, b = layer_norm_inputs((16384,), 384, "cuda", dtype, True, True, seed=1)
         y = kernels.layer_norm(x, (384,), w, b, backend=backend)
         assert_close(y, F.layer_norm(x.double(), (384,), w.double(), b.double()), dtype, f"{backend} vs F")
 
