@@ -3,7 +3,8 @@
 The GPT is nanoGPT's: pre-LN blocks, learned positions, weight tying, GPT-2 init, optional biases. Its two hot
 ops go through the `kernels` seam: attention via `kernels.causal_attention` (or `kernels.scaled_dot_product_attention`
 when decoding one token against a KV cache) and LayerNorm via `kernels.LayerNorm`, on the backend named by
-`ModelConfig.kernels`. This is the only chargpt file that imports `kernels`.
+`ModelConfig.kernels`. ARCH: besides chargpt/kernel_choice.py (the run-level backend choice), this is the
+only chargpt file that touches `kernels`.
 """
 
 import math
@@ -15,9 +16,6 @@ import torch.nn.functional as F
 
 import kernels
 from chargpt import ChargptError
-from kernels import backends
-
-KERNEL_CHOICES = backends.CHOICES  # eager, triton, ext, auto
 
 
 @dataclass
@@ -35,24 +33,6 @@ class ModelConfig:
     layernorm: bool = True  # pre-LN before each sublayer and before the head
     init_std: float = 0.02  # normal init of weights and embeddings (GPT-2's 0.02 suits wide residual nets)
     kernels: str = "eager"  # eager | triton | ext | auto
-
-
-def choose_kernels(requested, device_type, require_fused=False):
-    """The backend to record for a run: `requested` itself, or what `auto` picks for `device_type`.
-
-    Raises ChargptError with the reason when the backend cannot run here, or when `require_fused` (--fused) and
-    auto would fall back to eager.
-    """
-    try:
-        chosen = backends.backend_for(requested, "attention", device_type, torch.float32)
-    except (ValueError, TypeError, backends.BackendUnavailable) as e:
-        raise ChargptError(str(e)) from None
-    if require_fused and chosen == "eager":
-        why = "; ".join(f"{name}: {backends.unavailable_reason(name)}"
-                        for name in backends.fused_candidates(device_type))
-        raise ChargptError(f"--fused: no fused kernel backend runs on {device_type} here ({why}); "
-                           f"use --kernels eager")
-    return chosen
 
 
 class CausalSelfAttention(nn.Module):

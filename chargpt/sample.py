@@ -15,7 +15,8 @@ from chargpt import ChargptError
 from chargpt.checkpoint import BEST, LAST, load_checkpoint
 from chargpt.cli import OneLineParser, resolve_device, run
 from chargpt.data import CharTokenizer
-from chargpt.model import KERNEL_CHOICES, ModelConfig, build_model, choose_kernels
+from chargpt.kernel_choice import KERNEL_CHOICES, choose_kernels
+from chargpt.model import ModelConfig, build_model
 
 
 def build_parser():

@@ -9,9 +9,10 @@ import torch
 
 import kernels
 from chargpt import ChargptError
-from kernels import backends
-from chargpt.model import GPT, ModelConfig, build_model, choose_kernels
+from chargpt.kernel_choice import choose_kernels
+from chargpt.model import GPT, ModelConfig, build_model
 from chargpt.presets import PRESETS, get_preset
+from kernels import backends
 
 BACKENDS = kernels.available_backends()  # eager always; ext and triton (interpreted on CPU) when they load
 # Exact-token generation: backends computing in exact float32 on CPU. Triton is left out: its interpreter is too
