@@ -161,6 +161,9 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     refusal = _attention_refusal(query, key, value, dropout_p, scale)
     if refusal is not None:
         _fall_back(refusal[0])
+        if scale is not None and not math.isfinite(scale) and not enable_gqa:
+            # torch's float32 sdpa returns 0 for scale=nan; the composed math gives float64's answer (NaN)
+            return reference.attention(query, key, value, bool(is_causal), dropout_p, scale)
         return torch_sdpa()
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
     return backends.implementation(None, "attention", query)(query, key, value, bool(is_causal), float(dropout_p),
@@ -192,7 +195,7 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
     if (isinstance(n, int) and _float_tensors_ok(input, weight, bias) and input.dim() >= 1 and input.shape[-1] == n
             and (weight is None or (weight.dim() == 1 and weight.shape[0] == n))
             and (bias is None or (bias.dim() == 1 and bias.shape[0] == n))
-            and isinstance(eps, (int, float)) and eps > 0 and input.numel() > 0):
+            and isinstance(eps, (int, float)) and 0 < eps < math.inf and input.numel() > 0):
         fn = backends.implementation(backend, "layer_norm", input)
         if input.dim() == 2:
             return fn(input, weight, bias, float(eps))
@@ -215,11 +218,11 @@ def _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend):
     for name, t in given.items():
         if name != "input" and tuple(t.shape) != normalized_shape:
             raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected {normalized_shape}")
-    if not (isinstance(eps, (int, float)) and eps > 0):
-        raise ValueError(f"layer_norm: eps must be a positive number, got {eps!r}")
+    if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
+        raise ValueError(f"layer_norm: eps must be a finite positive number, got {eps!r}")
     n = math.prod(normalized_shape)
+    rows = math.prod(input.shape[:input.dim() - dims])
     flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
-    if input.numel() == 0:  # empty in, empty out, like torch (and still differentiable)
-        return reference.layer_norm(input.reshape(-1, n), flat(weight), flat(bias), float(eps)).view(input.shape)
-    fn = backends.implementation(backend, "layer_norm", input)
-    return fn(input.reshape(-1, n), flat(weight), flat(bias), float(eps)).view(input.shape)
+    # Empty in, empty out, like torch (and still differentiable): nothing for a kernel to do.
+    fn = reference.layer_norm if input.numel() == 0 else backends.implementation(backend, "layer_norm", input)
+    return fn(input.reshape(rows, n), flat(weight), flat(bias), float(eps)).view(input.shape)

@@ -27,10 +27,15 @@ _UNIFORM_SCALE = 4.6566127342e-10  # largest value with (2**31 - 1) * scale < 1 
 
 
 def layer_norm(x, weight=None, bias=None, eps=1e-5):
-    """LayerNorm over the last dimension of x (biased variance, like nn.LayerNorm)."""
-    mean = x.mean(dim=-1, keepdim=True)
-    var = ((x - mean) ** 2).mean(dim=-1, keepdim=True)
-    y = (x - mean) * torch.rsqrt(var + eps)
+    """LayerNorm over the last dimension of x (biased variance, like nn.LayerNorm).
+
+    The statistics are taken of x shifted by each row's first element: a constant row then has mean and deviations
+    exactly 0 (so it normalizes to exactly 0 even at eps=1e-12, as torch's does), and a large common offset does not
+    cancel precision away. The shift changes nothing else: LayerNorm is invariant to it."""
+    shifted = x - x[..., :1]
+    mean = shifted.mean(dim=-1, keepdim=True)
+    var = ((shifted - mean) ** 2).mean(dim=-1, keepdim=True)
+    y = (shifted - mean) * torch.rsqrt(var + eps)
     if weight is not None:
         y = y * weight
     if bias is not None:
