@@ -10,7 +10,7 @@ Inputs reaching a backend have already been validated by `kernels.api`; each bac
 Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
 from `reference.new_dropout_seed(device)`, as that call's first random draw, so a test can predict the mask.
 
-Adding an op: a function of that name in each backend's module (or a new module, named in `BACKENDS` below).
+Adding an op: one line in `OPS` below, and a function of that name in each backend's module of its family.
 Adding a backend: one `Backend` entry below, with the check that says whether it can run here.
 """
 
@@ -43,20 +43,19 @@ def _ext_unavailable() -> Optional[str]:
 
 @dataclass(frozen=True)
 class Backend:
-    modules: dict  # op name -> module path; the module has a function of the op's name
+    module: str  # where an op family lives: "{family}" is replaced by the family's name (see OPS)
     unavailable: Callable[[], Optional[str]]  # None when the backend can run here, else one sentence why not
     devices: tuple  # device types `auto` may pick it for, best backend first across the table
 
 
 BACKENDS = {
-    "eager": Backend({"layer_norm": "kernels.reference", "attention": "kernels.reference"}, lambda: None, ()),
-    "triton": Backend({"layer_norm": "kernels.triton_layer_norm", "attention": "kernels.triton_attention"},
-                      _triton_unavailable, ("cuda",)),
-    "ext": Backend({"layer_norm": "kernels.ext_layer_norm", "attention": "kernels.ext_attention"},
-                   _ext_unavailable, ("cuda", "cpu")),
+    "eager": Backend("kernels.reference", lambda: None, ()),
+    "triton": Backend("kernels.triton_{family}", _triton_unavailable, ("cuda",)),
+    "ext": Backend("kernels.ext_{family}", _ext_unavailable, ("cuda", "cpu")),
 }
 CHOICES = (*BACKENDS, "auto")
-OPS = ("layer_norm", "attention")
+# op name -> its family: the ops that share one module per backend (their kernels share loads, helpers, tests).
+OPS = {"layer_norm": "layer_norm", "attention": "attention"}
 
 _current = contextvars.ContextVar("kernels_backend", default="auto")
 
@@ -107,7 +106,8 @@ class _LazyModule:
         return self.module
 
 
-_IMPLS = {(name, op): _LazyModule(path) for name, backend in BACKENDS.items() for op, path in backend.modules.items()}
+_IMPLS = {(name, op): _LazyModule(backend.module.format(family=family))
+          for name, backend in BACKENDS.items() for op, family in OPS.items()}
 
 
 def fused_candidates(device_type: str) -> tuple:
