@@ -205,24 +205,98 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
 
 def _layer_norm_checked(input, normalized_shape, weight, bias, eps, backend):
     """layer_norm for anything off the common path: every check, with a message that says what is wrong."""
+    rows, n = _norm_rows("layer_norm", input, normalized_shape, weight=weight, bias=bias)
+    eps = _check_eps("layer_norm", eps, input.dtype, allow_none=False)
+    fn = _norm_fn(backend, "layer_norm", input)
+    return fn(input.reshape(rows, n), _flat(weight, n), _flat(bias, n), eps).view(input.shape)
+
+
+def _norm_rows(op, input, normalized_shape, **params):
+    """(rows, n): the (M, N) view a norm kernel takes of `input`, after checking input and its parameters."""
     if isinstance(normalized_shape, int):
         normalized_shape = (normalized_shape,)
     normalized_shape = tuple(normalized_shape)
     given = {"input": input}
-    given.update({name: t for name, t in (("weight", weight), ("bias", bias)) if t is not None})
-    _check_float_tensors("layer_norm", **given)
+    given.update({name: t for name, t in params.items() if t is not None})
+    _check_float_tensors(op, **given)
     dims = len(normalized_shape)
-    if dims == 0 or tuple(input.shape[input.dim() - dims:]) != normalized_shape or input.dim() < dims:
-        raise ValueError(f"layer_norm: input of shape {tuple(input.shape)} does not end in normalized_shape "
+    if dims == 0 or input.dim() < dims or tuple(input.shape[input.dim() - dims:]) != normalized_shape:
+        raise ValueError(f"{op}: input of shape {tuple(input.shape)} does not end in normalized_shape "
                          f"{normalized_shape}")
     for name, t in given.items():
         if name != "input" and tuple(t.shape) != normalized_shape:
-            raise ValueError(f"layer_norm: {name} has shape {tuple(t.shape)}, expected {normalized_shape}")
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, expected {normalized_shape}")
+    return math.prod(input.shape[:input.dim() - dims]), math.prod(normalized_shape)
+
+
+def _check_eps(op, eps, dtype, allow_none):
+    if eps is None and allow_none:
+        return torch.finfo(dtype).eps  # torch's default for RMSNorm
     if not (isinstance(eps, (int, float)) and 0 < eps < math.inf):
-        raise ValueError(f"layer_norm: eps must be a finite positive number, got {eps!r}")
-    n = math.prod(normalized_shape)
-    rows = math.prod(input.shape[:input.dim() - dims])
-    flat = lambda t: None if t is None else t.reshape(n)  # noqa: E731
+        raise ValueError(f"{op}: eps must be a finite positive number, got {eps!r}")
+    return float(eps)
+
+
+def _flat(t, n):
+    return None if t is None else t.reshape(n)
+
+
+def _norm_fn(backend, op, input):
     # Empty in, empty out, like torch (and still differentiable): nothing for a kernel to do.
-    fn = reference.layer_norm if input.numel() == 0 else backends.implementation(backend, "layer_norm", input)
-    return fn(input.reshape(rows, n), flat(weight), flat(bias), float(eps)).view(input.shape)
+    return getattr(reference, op) if input.numel() == 0 else backends.implementation(backend, op, input)
+
+
+def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]], weight: Optional[torch.Tensor] = None,
+             eps: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.rms_norm on a fused backend: x / sqrt(mean(x^2) + eps) * weight.
+
+    Arguments:
+        input: (..., *normalized_shape) float tensor, any strides.
+        normalized_shape: the trailing dims to normalize over (an int for one dim).
+        weight: a normalized_shape-shaped tensor of input's dtype and device, or None.
+        eps: added to the mean square; None means torch's default (the machine epsilon of input's dtype).
+        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+
+    Returns:
+        A tensor of input's shape and dtype; the mean square is accumulated in fp32.
+    """
+    rows, n = _norm_rows("rms_norm", input, normalized_shape, weight=weight)
+    eps = _check_eps("rms_norm", eps, input.dtype, allow_none=True)
+    return _norm_fn(backend, "rms_norm", input)(input.reshape(rows, n), _flat(weight, n), eps).view(input.shape)
+
+
+NORMS = ("layer", "rms")
+
+
+def add_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
+             weight: Optional[torch.Tensor] = None, bias: Optional[torch.Tensor] = None, eps: Optional[float] = 1e-5,
+             norm: str = "layer", dropout_p: float = 0.0, backend: Optional[str] = None) -> tuple:
+    """A pre-LN block's residual add fused with the next norm: h = residual + dropout(x), y = norm(h).
+
+    Arguments:
+        x: the sublayer's output (..., *normalized_shape); residual: the residual stream, same shape, dtype, device.
+        normalized_shape, weight, bias, eps: as in `layer_norm` (norm="layer") or `rms_norm` (norm="rms": no bias;
+            eps None means torch's default).
+        norm: "layer" or "rms".
+        dropout_p: dropout on x in [0, 1), drawn inside the kernel from torch's RNG (kernels.reference states the
+            mask: same seed, same mask), regenerated in the backward, never stored.
+        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+
+    Returns:
+        (y, h), both of x's shape and dtype: the normalized output and the new residual stream. Gradients flow to
+        x, residual, weight and bias from both.
+    """
+    if norm not in NORMS:
+        raise ValueError(f"add_norm: norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")
+    if norm == "rms" and bias is not None:
+        raise ValueError("add_norm: norm='rms' takes no bias")
+    rows, n = _norm_rows("add_norm", x, normalized_shape, weight=weight, bias=bias)
+    _check_float_tensors("add_norm", x=x, residual=residual)
+    if residual.shape != x.shape:
+        raise ValueError(f"add_norm: residual has shape {tuple(residual.shape)} but x has {tuple(x.shape)}")
+    eps = _check_eps("add_norm", eps, x.dtype, allow_none=norm == "rms")
+    if not (isinstance(dropout_p, (int, float)) and 0.0 <= dropout_p < 1.0):
+        raise ValueError(f"add_norm: dropout_p must be in [0, 1), got {dropout_p!r}")
+    y, h = _norm_fn(backend, "add_norm", x)(x.reshape(rows, n), residual.reshape(rows, n), _flat(weight, n),
+                                            _flat(bias, n), eps, norm, float(dropout_p))
+    return y.view(x.shape), h.view(x.shape)

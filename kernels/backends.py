@@ -4,6 +4,8 @@ A backend maps op names to modules. Every module named for an op exposes a funct
 `SUPPORTED_DTYPES = {"cpu": (...), "cuda": (...)}` table (eager takes every float dtype):
 
     layer_norm(x, weight, bias, eps) -> y            x: (M, N); weight, bias: (N,) or None
+    rms_norm(x, weight, eps) -> y                    x: (M, N); weight: (N,) or None
+    add_norm(x, residual, weight, bias, eps, norm, dropout_p) -> (y, h)   x, residual: (M, N); norm: layer | rms
     attention(q, k, v, is_causal, dropout_p, scale)  q: (B, H, Tq, D); k, v: (B, H, Tk, D)
 
 Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
@@ -55,7 +57,7 @@ BACKENDS = {
 }
 CHOICES = (*BACKENDS, "auto")
 # op name -> its family: the ops that share one module per backend (their kernels share loads, helpers, tests).
-OPS = {"layer_norm": "layer_norm", "attention": "attention"}
+OPS = {"layer_norm": "layer_norm", "rms_norm": "layer_norm", "add_norm": "layer_norm", "attention": "attention"}
 
 _current = contextvars.ContextVar("kernels_backend", default="auto")
 
@@ -118,7 +120,8 @@ def fused_candidates(device_type: str) -> tuple:
 def _supports(name, op, device_type, dtype):
     if name == "eager":
         return True
-    return dtype in _IMPLS[name, op].load().SUPPORTED_DTYPES.get(device_type, ())
+    module = _IMPLS[name, op].load()
+    return hasattr(module, op) and dtype in module.SUPPORTED_DTYPES.get(device_type, ())
 
 
 @torch.compiler.assume_constant_result
@@ -145,6 +148,8 @@ def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dty
             "kernels backend 'triton' got a CPU tensor: Triton runs on CUDA tensors, or on CPU only with "
             "TRITON_INTERPRET=1 set before triton is imported")
     if not _supports(name, op, device_type, dtype):
+        if not hasattr(_IMPLS[name, op].module, op):
+            raise TypeError(f"kernels backend {name!r} has no {op} kernel")
         raise TypeError(f"kernels backend {name!r} does not support {dtype} tensors on {device_type}")
     _IMPLS[name, op].load()
     return name

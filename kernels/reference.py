@@ -6,8 +6,9 @@ They double as the `eager` backend, so they must stay differentiable and readabl
 This file also owns the *dropout RNG specification* shared by every fused backend (llm.c habit: the
 reference sits beside the kernels). A fused kernel never stores its dropout mask; it regenerates it from
 
-    u[b, h, i, j] = philox_uniform(seed, offset=((b * H + h) * Tq + i) * Tk + j)
-    keep          = u >= p            (kept entries are scaled by 1 / (1 - p))
+    attention:  u[b, h, i, j] = philox_uniform(seed, offset=((b * H + h) * Tq + i) * Tk + j)
+    add_norm:   u[i, j]       = philox_uniform(seed, offset=i * N + j)     (x flattened to rows of N)
+    keep = u >= p            (kept entries are scaled by 1 / (1 - p))
 
 where `philox_uniform` is exactly Triton's `tl.rand(seed, offset)` with an int64 offset: Philox4x32-10 with
 key (seed_lo, seed_hi) and counter (offset_lo, offset_hi, 0, 0); the first output word, read as int32,
@@ -41,6 +42,27 @@ def layer_norm(x, weight=None, bias=None, eps=1e-5):
     if bias is not None:
         y = y + bias
     return y
+
+
+def rms_norm(x, weight=None, eps=None):
+    """RMSNorm over the last dimension of x, like F.rms_norm: x / sqrt(mean(x^2) + eps) * weight.
+
+    eps None means torch's default, the machine epsilon of x's dtype."""
+    eps = torch.finfo(x.dtype).eps if eps is None else eps
+    y = x * torch.rsqrt((x * x).mean(dim=-1, keepdim=True) + eps)
+    return y if weight is None else y * weight
+
+
+def add_norm(x, residual, weight=None, bias=None, eps=1e-5, norm="layer", dropout_p=0.0, dropout_mask=None):
+    """(y, h) with h = residual + dropout(x) and y = norm(h): a pre-LN block's residual add fused with the next norm.
+
+    norm is "layer" (weight and bias) or "rms" (weight only; eps None means torch's default). Dropout acts on x:
+    with `dropout_mask` (a bool keep-mask of x's shape) that exact mask is used, otherwise F.dropout draws one."""
+    if dropout_p > 0.0:
+        x = torch.nn.functional.dropout(x, dropout_p) if dropout_mask is None else x * dropout_mask / (1.0 - dropout_p)
+    h = residual + x
+    y = layer_norm(h, weight, bias, eps) if norm == "layer" else rms_norm(h, weight, eps)
+    return y, h
 
 
 def attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, dropout_mask=None):

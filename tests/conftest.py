@@ -27,13 +27,14 @@ def device_dtype_params():
     return params
 
 
-def require_backend(name, device, dtype=torch.float32):
+def require_backend(name, device, dtype=torch.float32, ops=("layer_norm", "attention")):
+    """Skip unless backend `name` runs `ops` on `dtype` tensors of `device` here."""
     reason = unavailable_reason(name)
     if reason is not None:
         pytest.skip(f"backend {name} unavailable: {reason}")
     if name == "triton" and device == "cpu" and torch.cuda.is_available():
         pytest.skip("triton on CPU tensors needs TRITON_INTERPRET=1, which this CUDA run does not set")
-    for op in backends.OPS:
+    for op in ops:
         try:
             backends.backend_for(name, op, device, dtype)
         except TypeError as unsupported:
