@@ -34,7 +34,7 @@ from chargpt.presets import PRESETS, TrainConfig, get_preset
 from chargpt.progress import Progress
 from chargpt.rng_state import rng_state, seed_everything, set_rng_state
 from chargpt.stop_request import StopRequest
-from chargpt.throughput import Throughput
+from chargpt.throughput import StepTimeJumps, Throughput
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TRAIN, VAL = 0, 1  # split ids mixed into batch seeds
@@ -58,6 +58,9 @@ def build_parser():
     parser.add_argument("--out-dir", default="out", help="where checkpoints, metrics and plots go (out)")
     parser.add_argument("--resume", action="store_true", help="continue from OUT_DIR/ckpt.pt")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--threads", type=int,
+                        help=f"CPU threads torch computes with (default: torch's own count, {torch.get_num_threads()} "
+                             f"here); 1 is best for small models on a busy machine")
     hyper = parser.add_argument_group("hyper-parameters (default: the preset's; on --resume, the checkpoint's)")
     for config_class in (TrainConfig, ModelConfig):
         for f in fields(config_class):
@@ -162,6 +165,11 @@ def train(args):
     started = time.time()
     out_dir = Path(args.out_dir)
     device = resolve_device(args.device)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise ChargptError(f"--threads must be >= 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    threads = torch.get_num_threads()
     cfg = run_config(args, out_dir, device)
     model_cfg, train_cfg, checkpoint = cfg.model, cfg.train, cfg.checkpoint
 
@@ -213,7 +221,8 @@ def train(args):
         what = f"resuming {out_dir / LAST} at iter {iter_num}" if checkpoint else "training"
         progress.print(f"{what}: preset {cfg.preset_name}, {raw_model.num_params() / 1e6:.2f}M parameters, "
                        f"kernels {model_cfg.kernels}, device {device}, dtype {str(dtype)[6:]}, "
-                       f"world size {world.world_size}, data {cfg.data_path or 'tiny shakespeare'}")
+                       f"threads {threads}, world size {world.world_size}, "
+                       f"data {cfg.data_path or 'tiny shakespeare'}")
 
     def log(record):
         if metrics:
@@ -265,6 +274,8 @@ def train(args):
     # loop
 
     throughput = Throughput(train_cfg.batch_size * model_cfg.block_size * world.world_size, device)
+    # Only CPU steps are timed one by one (no sync needed); there a jump means contention for the cores.
+    jumps = StepTimeJumps(threads) if device.type == "cpu" else None
     stop = StopRequest()
     losses = None
     model.train()
@@ -294,7 +305,10 @@ def train(args):
         logging_step = iter_num % train_cfg.log_interval == 0
         if logging_step:
             loss_value = loss.item()  # the only host sync of an ordinary step
-        throughput.end_step(synced=logging_step)
+        step_seconds = throughput.end_step(synced=logging_step or jumps is not None)
+        hint = jumps.observe(step_seconds) if jumps is not None and step_seconds is not None else None
+        if hint:
+            progress.print(hint)
         iter_num += 1
         if logging_step:
             log({"kind": "step", "iter": iter_num - 1, "loss": loss_value, "lr": lr,
@@ -318,8 +332,8 @@ def train(args):
                    "final_val_loss": losses["val"] if losses and not interrupted else None,
                    "tokens_per_sec": tokens_per_sec, "wall_seconds": time.time() - started,
                    "kernels": model_cfg.kernels, "device": str(device), "dtype": str(dtype)[6:],
-                   "world_size": world.world_size, "compile": args.compile, "params": raw_model.num_params(),
-                   "interrupted": interrupted}
+                   "threads": threads, "world_size": world.world_size, "compile": args.compile,
+                   "params": raw_model.num_params(), "interrupted": interrupted}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     world.close()
     if interrupted:

@@ -12,6 +12,7 @@ import torch
 from chargpt_helpers import REPO_ROOT, assert_one_line_error, run_cli, small_text, train
 
 from chargpt import ChargptError, checkpoint
+from chargpt.throughput import StepTimeJumps
 
 # On CPU even where there is a GPU: bit-exact resume and the gloo DDP run need it, and tiny runs gain nothing.
 TINY = ("--preset", "tiny", "--device", "cpu")
@@ -47,6 +48,7 @@ def test_tiny_run_writes_its_outputs(tiny_run):
                 "preset"):
         assert key in summary, key
     assert summary["iters"] == 40 and summary["preset"] == "tiny" and summary["kernels"] == "eager"
+    assert summary["threads"] == 1  # torch's own count, which run_cli's OMP_NUM_THREADS=1 sets
     assert summary["best_val_loss"] <= summary["final_val_loss"] and summary["best_val_loss"] < 4.0
     evals = metrics(out, kinds=("eval",))
     assert [r["iter"] for r in evals] == [0, 20, 40]
@@ -170,10 +172,42 @@ def test_bad_data_files_are_one_line(tmp_path, content, message):
     (("--device", "tpu"), "unknown device"),
     (("--n-head", "5"), "--n-embd 32 must be a multiple of --n-head 5"),
     (("--batch-size", "0"), "--batch-size must be >= 1"),
-], ids=["bad-value", "unknown-flag", "bad-kernels", "bad-device", "bad-heads", "bad-batch"])
+    (("--threads", "0"), "--threads must be >= 1"),
+], ids=["bad-value", "unknown-flag", "bad-kernels", "bad-device", "bad-heads", "bad-batch", "bad-threads"])
 def test_bad_flags_are_one_line(tmp_path, text_file, args, message):
     result = train(*TINY, "--data", text_file, "--out-dir", tmp_path, *args)
     assert_one_line_error(result, "chargpt.train", message)
+
+
+def test_threads_flag_sets_torchs_thread_count(tmp_path, text_file):
+    result = train(*TINY, "--threads", "2", "--max-iters", "2", "--eval-iters", "1", "--data", text_file,
+                   "--out-dir", tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "threads 2" in result.stdout
+    assert json.loads((tmp_path / "summary.json").read_text())["threads"] == 2
+
+
+def hints(jumps, milliseconds):
+    return [h for h in (jumps.observe(ms / 1e3) for ms in milliseconds) if h]
+
+
+def test_step_time_jump_hint_after_several_slow_steps_in_a_row():
+    jumps = StepTimeJumps(threads=2)
+    assert hints(jumps, [10, 11, 9, 10, 10, 12, 10, 50, 60]) == []  # two slow steps: not yet
+    assert hints(jumps, [55]) == ["step times jumped from 10 ms to 55 ms: another process may be competing "
+                                  "for the cores; try --threads 1"]
+    assert hints(jumps, [60] * 10 + [10] * 10 + [60] * 10) == []  # at most once per run
+
+
+def test_step_time_jump_hint_ignores_noise_and_gradual_change():
+    jumps = StepTimeJumps(threads=2)
+    assert hints(jumps, [40, 40, 40]) == []  # no baseline yet: the first steps say nothing
+    assert hints(jumps, [10] * 20 + [50, 50, 10] * 5) == []  # isolated slow steps reset the streak
+    drifting = StepTimeJumps(threads=2)
+    assert hints(drifting, [10 * 1.05 ** i for i in range(60)]) == []  # a slow drift moves the baseline with it
+    one_thread = StepTimeJumps(threads=1)
+    assert hints(one_thread, [10] * 10 + [40] * 3) == ["step times jumped from 10 ms to 40 ms: another process "
+                                                      "may be competing for the cores"]
 
 
 def test_resume_without_or_with_corrupt_checkpoint(tmp_path, text_file):
