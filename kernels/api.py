@@ -37,36 +37,64 @@ def _float_tensors_ok(first, *others):
                for t in others)
 
 
-# The one accept-rule of the fused attention: (test, why torch's sdpa is used instead, what exactly is wrong).
-# `causal_attention` raises the detail of the first failed test; `scaled_dot_product_attention` falls back to
-# torch and warns once per reason (reasons never name shapes, so decoding token by token warns once, not per step).
+# The one accept-rule of the fused attention: (test, why torch's sdpa is used instead, what exactly is wrong), each
+# test taking (q, k, v, dropout_p, scale, gqa). `causal_attention` raises the detail of the first failed test;
+# `scaled_dot_product_attention` falls back to torch and warns once per reason (reasons never name shapes, so
+# decoding token by token warns once, not once per step).
 _ATTENTION_RULES = (
-    (lambda q, k, v, p, s: q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
+    (lambda q, k, v, p, s, g: q.dim() == 4 and k.dim() == 4 and v.dim() == 4,
      "only 4-D (B, H, T, D) inputs are fused",
-     lambda q, k, v, p, s: f"q, k, v must be 4-D (B, H, T, D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"),
-    (lambda q, k, v, p, s: k.shape == v.shape and q.shape[-1] == k.shape[-1],
+     lambda q, k, v, p, s, g: f"q, k, v must be 4-D (B, H, T, D), got {q.dim()}-D, {k.dim()}-D, {v.dim()}-D"),
+    (lambda q, k, v, p, s, g: k.shape == v.shape and q.shape[-1] == k.shape[-1],
      "a value head dim unlike the query's is not fused",
-     lambda q, k, v, p, s: f"k and v must have the same shape and q k's head dim, got q {tuple(q.shape)}, "
-                           f"k {tuple(k.shape)}, v {tuple(v.shape)}"),
-    (lambda q, k, v, p, s: q.shape[0] == k.shape[0], "broadcasting the batch dim is not fused",
-     lambda q, k, v, p, s: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B"),
-    (lambda q, k, v, p, s: q.shape[1] == k.shape[1], "GQA (fewer key/value heads than query heads) is not fused",
-     lambda q, k, v, p, s: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in H"),
-    (lambda q, k, v, p, s: q.shape[-1] <= MAX_HEAD_DIM, f"head dims over {MAX_HEAD_DIM} are not fused",
-     lambda q, k, v, p, s: f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"),
-    (lambda q, k, v, p, s: isinstance(p, (int, float)) and 0.0 <= p < 1.0, "dropout_p outside [0, 1) is not fused",
-     lambda q, k, v, p, s: f"dropout_p must be in [0, 1), got {p!r}"),
-    (lambda q, k, v, p, s: s is None or (isinstance(s, (int, float)) and math.isfinite(s)),
+     lambda q, k, v, p, s, g: f"k and v must have the same shape and q k's head dim, got q {tuple(q.shape)}, "
+                              f"k {tuple(k.shape)}, v {tuple(v.shape)}"),
+    (lambda q, k, v, p, s, g: q.shape[0] == k.shape[0], "broadcasting the batch dim is not fused",
+     lambda q, k, v, p, s, g: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in B"),
+    (lambda q, k, v, p, s, g: q.shape[1] == k.shape[1] or (g and k.shape[1] > 0 and q.shape[1] % k.shape[1] == 0),
+     "query and key head counts that differ without enable_gqa are not fused",
+     lambda q, k, v, p, s, g: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in H"
+                              + (", or H of q be a multiple of k's" if g else " (or pass enable_gqa=True)")),
+    (lambda q, k, v, p, s, g: q.shape[-1] <= MAX_HEAD_DIM, f"head dims over {MAX_HEAD_DIM} are not fused",
+     lambda q, k, v, p, s, g: f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"),
+    (lambda q, k, v, p, s, g: isinstance(p, (int, float)) and 0.0 <= p < 1.0,
+     "dropout_p outside [0, 1) is not fused",
+     lambda q, k, v, p, s, g: f"dropout_p must be in [0, 1), got {p!r}"),
+    (lambda q, k, v, p, s, g: s is None or (isinstance(s, (int, float)) and math.isfinite(s)),
      "a non-finite scale is not fused",
-     lambda q, k, v, p, s: f"scale must be a finite number or None, got {s!r}"),
+     lambda q, k, v, p, s, g: f"scale must be a finite number or None, got {s!r}"),
 )
+# What each optional feature is called when no fused backend takes it here (the fallback warning's reason).
+_FEATURE_REASONS = {"mask": "attn_mask is not fused on this backend and device",
+                    "gqa": "GQA (fewer key/value heads) is not fused on this backend and device"}
 
 
-def _attention_refusal(q, k, v, dropout_p, scale):
+def _attention_refusal(q, k, v, dropout_p, scale, gqa=False):
     """None when the fused kernels take this (validated float tensors) request, else (reason, detail)."""
     for accepts, reason, detail in _ATTENTION_RULES:
-        if not accepts(q, k, v, dropout_p, scale):
-            return reason, detail(q, k, v, dropout_p, scale)
+        if not accepts(q, k, v, dropout_p, scale, gqa):
+            return reason, detail(q, k, v, dropout_p, scale, gqa)
+    return None
+
+
+def _mask_refusal(mask, q, k):
+    """None when `mask` can be fused for (B, Hq, Tq, Tk) attention, else (reason, detail)."""
+    if not isinstance(mask, torch.Tensor):
+        return "a non-tensor attn_mask is not fused", f"attn_mask must be a tensor, got {type(mask).__name__}"
+    if mask.dtype != torch.bool and mask.dtype != q.dtype:
+        return ("an attn_mask of another dtype is not fused",
+                f"attn_mask must be bool or {q.dtype} (q's dtype), got {mask.dtype}")
+    if mask.device != q.device:
+        return "an attn_mask on another device is not fused", f"attn_mask is on {mask.device} but q on {q.device}"
+    if mask.requires_grad:
+        return "an attn_mask that requires grad is not fused", "attn_mask must not require grad"
+    full = (q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+    try:
+        if mask.dim() > 4 or torch.broadcast_shapes(mask.shape, full) != full:
+            raise RuntimeError
+    except RuntimeError:
+        return ("an attn_mask that does not broadcast to (B, H, Tq, Tk) is not fused",
+                f"attn_mask of shape {tuple(mask.shape)} does not broadcast to (B, H, Tq, Tk) = {full}")
     return None
 
 
@@ -74,19 +102,28 @@ def _is_empty(*tensors):
     return any(t.numel() == 0 for t in tensors)
 
 
+def _needs(mask, q, k):
+    return (("mask",) if mask is not None else ()) + (("gqa",) if q.shape[1] != k.shape[1] else ())
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
-                     scale: Optional[float] = None, backend: Optional[str] = None) -> torch.Tensor:
-    """Causal softmax(q k^T * scale) v on a fused backend; raises on anything the kernels do not take.
+                     scale: Optional[float] = None, backend: Optional[str] = None,
+                     attn_mask: Optional[torch.Tensor] = None, enable_gqa: bool = False) -> torch.Tensor:
+    """Causal softmax(q k^T * scale + mask) v on a fused backend; raises on anything the kernels do not take.
 
     Arguments:
-        q: (B, H, Tq, D) float tensor; k, v: (B, H, Tk, D), same dtype and device. Any strides; D <= 256.
+        q: (B, Hq, Tq, D) float tensor; k, v: (B, Hk, Tk, D), same dtype and device. Any strides; D <= 256.
         dropout_p: dropout on the attention weights, in [0, 1), drawn inside the kernel from torch's RNG
             (kernels.reference states the mask: same seed, same mask).
         scale: multiplies q k^T; None means 1/sqrt(D). Any finite number.
         backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        attn_mask: None, or bool (True = take part) / additive float of q's dtype, broadcastable to
+            (B, Hq, Tq, Tk) (e.g. (B, 1, 1, Tk) key padding), combined with the causal mask. Read through its
+            strides: broadcast dims are never expanded in memory.
+        enable_gqa: allow Hk < Hq (Hq a multiple of Hk): query head h uses key/value head h // (Hq / Hk).
 
     Returns:
-        (B, H, Tq, D) tensor of q's dtype. Query i sees keys j <= i: the causal mask is aligned to the top-left
+        (B, Hq, Tq, D) tensor of q's dtype. Query i sees keys j <= i: the causal mask is aligned to the top-left
         corner, as torch's is_causal=True (FlashAttention >= 2.1 aligns bottom-right). 1 = attends:
 
             Tq = 2, Tk = 5:      Tq = 5, Tk = 2:
@@ -94,18 +131,24 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
                 1 1 0 0 0            1 1
                                      1 1  (rows past Tk see every key)
 
+        A row whose keys are all masked out gives 0, as torch does.
+
     Raises:
         TypeError / ValueError naming the problem (non-float, mixed dtypes or devices, bad shapes, D > 256).
         kernels.BackendUnavailable when the backend asked for cannot run here.
     """
     _check_float_tensors("causal_attention", q=q, k=k, v=v)
-    refusal = _attention_refusal(q, k, v, dropout_p, scale)
+    refusal = _attention_refusal(q, k, v, dropout_p, scale, enable_gqa)
+    if refusal is None and attn_mask is not None:
+        refusal = _mask_refusal(attn_mask, q, k)
     if refusal is not None:
         raise ValueError(f"causal_attention: {refusal[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    mask = None if attn_mask is None else attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if _is_empty(q, k, v):  # empty in, empty out (keys: none, so every weight row is empty and the output 0)
-        return reference.attention(q, k, v, True, float(dropout_p), scale)
-    return backends.implementation(backend, "attention", q)(q, k, v, True, float(dropout_p), scale)
+        return reference.attention(q, k, v, True, float(dropout_p), scale, mask)
+    fn = backends.implementation(backend, "attention", q, _needs(mask, q, k))
+    return fn(q, k, v, True, float(dropout_p), scale, *(() if mask is None else (mask,)))
 
 
 def _fall_back(reason):
@@ -114,9 +157,9 @@ def _fall_back(reason):
         warnings.warn(f"kernels.scaled_dot_product_attention: {reason}; using torch's implementation", stacklevel=3)
 
 
-def _fold_heads(t):
-    """(..., H, T, D) -> (prod(...), H, T, D) and (T, D) -> (1, 1, T, D): the kernels' 4-D view."""
-    return t.reshape(1, 1, *t.shape) if t.dim() == 2 else t.reshape(math.prod(t.shape[:-3]), *t.shape[-3:])
+def _fold(t, lead):
+    """(*lead, H, T, X) -> (prod(lead), H, T, X): the kernels' 4-D view (lead = () for 2-D (T, X) inputs)."""
+    return t.reshape(math.prod(lead), -1, *t.shape[-2:]) if t.dim() > 2 else t.reshape(1, 1, *t.shape)
 
 
 def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
@@ -128,13 +171,14 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     Arguments:
         query: (..., Hq, Tq, D); key, value: (..., Hk, Tk, D). Leading dims are folded into one batch dim.
         attn_mask, dropout_p, is_causal, scale, enable_gqa: as in torch. is_causal aligns top-left (see
-            `causal_attention` for the picture when Tq != Tk).
+            `causal_attention` for the picture when Tq != Tk); a fully masked row gives 0.
 
     Returns:
         (..., Hq, Tq, D), the query's dtype.
 
-    Fused for attn_mask=None with matching heads, head dim <= 256, dropout_p in [0, 1) and a finite scale.
-    Anything else runs torch's own implementation, with one warning per reason (not per call or shape).
+    Fused: masks (bool or additive, any shape broadcastable to (..., Hq, Tq, Tk), read through stride-0 views) and
+    GQA where the backend fuses them, head dim <= 256, dropout_p in [0, 1), a finite scale. Anything else runs
+    torch's own implementation, with one warning per reason (not per call or shape).
     """
     if not _float_tensors_ok(query, key, value):
         _check_float_tensors("scaled_dot_product_attention", query=query, key=key, value=value)
@@ -143,31 +187,48 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
         return _torch_sdpa(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                            scale=scale, enable_gqa=enable_gqa)
 
-    if attn_mask is not None:
-        _fall_back("an explicit attn_mask is not fused")
-        return torch_sdpa()
     if query.dim() < 2 or query.dim() != key.dim() or key.dim() != value.dim():
         _fall_back("inputs of different ranks are not fused")
         return torch_sdpa()
-    if _is_empty(query, key, value):
-        return torch_sdpa()  # torch defines the empty results (and their errors); nothing to fuse
+    if _is_empty(query, key, value) or (attn_mask is not None and is_causal):
+        return torch_sdpa()  # torch defines the empty results, and refuses a mask with is_causal: nothing to fuse
+    lead = query.shape[:-3]
     if query.dim() != 4:
-        if query.shape[:-3] != key.shape[:-3] or key.shape[:-3] != value.shape[:-3]:
+        if key.shape[:-3] != lead or value.shape[:-3] != lead:
             _fall_back("broadcasting the batch dims is not fused")
             return torch_sdpa()
-        out = scaled_dot_product_attention(_fold_heads(query), _fold_heads(key), _fold_heads(value), None,
+        mask = attn_mask
+        if isinstance(mask, torch.Tensor):  # broadcast to the full (..., Hq, Tq, Tk), then fold like the inputs
+            try:
+                mask = _fold(mask.expand(*query.shape[:-1], key.shape[-2]), lead)
+            except RuntimeError:
+                _fall_back("an attn_mask that does not broadcast to (..., H, Tq, Tk) is not fused")
+                return torch_sdpa()
+        out = scaled_dot_product_attention(_fold(query, lead), _fold(key, lead), _fold(value, lead), mask,
                                            dropout_p, is_causal, scale, enable_gqa)
         return out.reshape(*query.shape[:-1], out.shape[-1])
-    refusal = _attention_refusal(query, key, value, dropout_p, scale)
+    refusal = _attention_refusal(query, key, value, dropout_p, scale, enable_gqa)
+    if refusal is None and attn_mask is not None:
+        refusal = _mask_refusal(attn_mask, query, key)
     if refusal is not None:
         _fall_back(refusal[0])
-        if scale is not None and not math.isfinite(scale) and not enable_gqa:
+        if scale is not None and not math.isfinite(scale) and not enable_gqa and attn_mask is None:
             # torch's float32 sdpa returns 0 for scale=nan; the composed math gives float64's answer (NaN)
             return reference.attention(query, key, value, bool(is_causal), dropout_p, scale)
         return torch_sdpa()
     scale = 1.0 / math.sqrt(query.shape[-1]) if scale is None else float(scale)
-    return backends.implementation(None, "attention", query)(query, key, value, bool(is_causal), float(dropout_p),
-                                                             scale)
+    mask = None if attn_mask is None else attn_mask.expand(*query.shape[:-1], key.shape[-2])
+    needs = _needs(mask, query, key)
+    backend, fn = backends.choose(None, "attention", query)  # raises if the backend cannot run these tensors at all
+    if needs:
+        try:
+            backend, fn = backends.choose(None, "attention", query, needs)
+        except TypeError:  # the backend in use runs attention, but not with these features
+            backend = None
+        if backend is None or (backend == "eager" and backends.current_backend() == "auto"):
+            _fall_back(_FEATURE_REASONS[needs[0]])  # no fused kernel takes this here: torch's beats composed math
+            return torch_sdpa()
+    return fn(query, key, value, bool(is_causal), float(dropout_p), scale, *(() if mask is None else (mask,)))
 
 
 def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],

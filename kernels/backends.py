@@ -6,7 +6,11 @@ A backend maps op names to modules. Every module named for an op exposes a funct
     layer_norm(x, weight, bias, eps) -> y            x: (M, N); weight, bias: (N,) or None
     rms_norm(x, weight, eps) -> y                    x: (M, N); weight: (N,) or None
     add_norm(x, residual, weight, bias, eps, norm, dropout_p) -> (y, h)   x, residual: (M, N); norm: layer | rms
-    attention(q, k, v, is_causal, dropout_p, scale)  q: (B, H, Tq, D); k, v: (B, H, Tk, D)
+    attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None)
+                                        q: (B, Hq, Tq, D); k, v: (B, Hk, Tk, D), Hk == Hq unless the module fuses
+                                        "gqa" (Hq a multiple of Hk); attn_mask: None unless it fuses "mask", else a
+                                        bool (True = take part) or float (added) (B, Hq, Tq, Tk) view, often stride 0
+    SUPPORTED_FEATURES = {"attention": ("mask", "gqa")}   # optional: what a module fuses beyond the plain op
 
 Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
 Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
@@ -117,21 +121,31 @@ def fused_candidates(device_type: str) -> tuple:
     return tuple(name for name, backend in BACKENDS.items() if device_type in backend.devices)
 
 
-def _supports(name, op, device_type, dtype):
+def _missing(name, op, device_type, dtype, needs):
+    """None when backend `name` runs `op` on these tensors with the features `needs`, else what it lacks."""
     if name == "eager":
-        return True
+        return None
     module = _IMPLS[name, op].load()
-    return hasattr(module, op) and dtype in module.SUPPORTED_DTYPES.get(device_type, ())
+    if not hasattr(module, op):
+        return f"has no {op} kernel"
+    if dtype not in module.SUPPORTED_DTYPES.get(device_type, ()):
+        return f"does not support {dtype} tensors on {device_type}"
+    lacking = sorted(set(needs) - set(getattr(module, "SUPPORTED_FEATURES", {}).get(op, ())))
+    if lacking:
+        return f"does not fuse {op} with {' or '.join(lacking)}"
+    return None
 
 
 @torch.compiler.assume_constant_result
-def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dtype) -> str:
+def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dtype, needs: tuple = ()) -> str:
     """The name of the backend that runs `op` on `dtype` tensors of `device_type` when `name` (eager, triton, ext,
     auto, or None for the current one) is asked for; raises when that cannot work.
 
-    `auto` prefers triton for CUDA tensors and ext for CPU tensors, falling back to eager for anything the fused
-    backends cannot take (another device, float64, ...). A backend named explicitly either runs or raises.
-    torch.compile runs this once while tracing and keeps the answer, so a compiled graph keeps its backend.
+    `needs` names optional features of the request (attention: "mask", "gqa") that a backend module lists in its
+    SUPPORTED_FEATURES. `auto` prefers triton for CUDA tensors and ext for CPU tensors, falling back to eager for
+    anything the fused backends cannot take (another device, float64, a feature...). A backend named explicitly
+    either runs or raises. torch.compile runs this once while tracing and keeps the answer, so a compiled graph
+    keeps its backend.
     """
     name = name or _current.get()
     _check_choice(name)
@@ -139,7 +153,7 @@ def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dty
         raise ValueError(f"unknown kernels op {op!r}; the ops are {', '.join(OPS)}")
     if name == "auto":
         name = next((candidate for candidate in fused_candidates(device_type) if unavailable_reason(candidate) is None
-                     and _supports(candidate, op, device_type, dtype)), "eager")
+                     and _missing(candidate, op, device_type, dtype, needs) is None), "eager")
     reason = unavailable_reason(name)
     if reason is not None:
         raise BackendUnavailable(f"kernels backend {name!r} is unavailable: {reason}")
@@ -147,24 +161,29 @@ def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dty
         raise BackendUnavailable(
             "kernels backend 'triton' got a CPU tensor: Triton runs on CUDA tensors, or on CPU only with "
             "TRITON_INTERPRET=1 set before triton is imported")
-    if not _supports(name, op, device_type, dtype):
-        if not hasattr(_IMPLS[name, op].module, op):
-            raise TypeError(f"kernels backend {name!r} has no {op} kernel")
-        raise TypeError(f"kernels backend {name!r} does not support {dtype} tensors on {device_type}")
+    missing = _missing(name, op, device_type, dtype, needs)
+    if missing is not None:
+        raise TypeError(f"kernels backend {name!r} {missing}")
     _IMPLS[name, op].load()
     return name
 
 
-_chosen = {}  # (name or the current one, op, device, dtype) -> function, for choices `backend_for` made before
+_chosen = {}  # (name or the current one, op, device, dtype, needs) -> (backend, function), for choices made before
 
 
-def implementation(name: Optional[str], op: str, tensor: torch.Tensor) -> Callable:
-    """The function implementing `op` for `tensor` on backend `name` (see `backend_for`)."""
+def choose(name: Optional[str], op: str, tensor: torch.Tensor, needs: tuple = ()) -> tuple:
+    """(backend name, the function implementing `op` there) for `tensor` (see `backend_for`)."""
     if not torch.compiler.is_compiling():  # eager calls: a dict lookup instead of backend_for's ~1.5 us of Python
-        key = (name or _current.get(), op, tensor.device, tensor.dtype)
-        fn = _chosen.get(key)
-        if fn is None:  # only successful choices are kept; whatever backend_for raises, it raises every time
-            chosen = backend_for(key[0], op, tensor.device.type, tensor.dtype)
-            fn = _chosen[key] = getattr(_IMPLS[chosen, op].module, op)
-        return fn
-    return getattr(_IMPLS[backend_for(name, op, tensor.device.type, tensor.dtype), op].module, op)
+        key = (name or _current.get(), op, tensor.device, tensor.dtype, needs)
+        chosen = _chosen.get(key)
+        if chosen is None:  # only successful choices are kept; whatever backend_for raises, it raises every time
+            backend = backend_for(key[0], op, tensor.device.type, tensor.dtype, needs)
+            chosen = _chosen[key] = backend, getattr(_IMPLS[backend, op].module, op)
+        return chosen
+    backend = backend_for(name, op, tensor.device.type, tensor.dtype, needs)
+    return backend, getattr(_IMPLS[backend, op].module, op)
+
+
+def implementation(name: Optional[str], op: str, tensor: torch.Tensor, needs: tuple = ()) -> Callable:
+    """The function implementing `op` for `tensor` on backend `name` (see `backend_for`)."""
+    return choose(name, op, tensor, needs)[1]

@@ -65,20 +65,29 @@ def add_norm(x, residual, weight=None, bias=None, eps=1e-5, norm="layer", dropou
     return y, h
 
 
-def attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, dropout_mask=None):
-    """softmax(q @ k^T * scale) @ v over (..., T, D) tensors, the way F.scaled_dot_product_attention defines it.
+def attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, attn_mask=None, dropout_mask=None):
+    """softmax(q @ k^T * scale + mask) @ v over (..., H, T, D) tensors, the way F.scaled_dot_product_attention
+    defines it.
 
-    Causal masking is top-left aligned (query i sees keys j <= i), as in torch. Dropout acts on the attention
-    weights: with `dropout_mask` (a bool keep-mask of shape (..., Tq, Tk)) that exact mask is used, otherwise
-    F.dropout draws one.
+    Causal masking is top-left aligned (query i sees keys j <= i), as in torch. attn_mask is bool (True = take part)
+    or additive float, broadcastable to the scores (..., Hq, Tq, Tk). k and v may have fewer heads than q (GQA: Hq a
+    multiple of Hk; query head h reads key/value head h // (Hq / Hk)). A row with no visible key (every score -inf)
+    gives 0, as torch does. Dropout acts on the attention weights: with `dropout_mask` (a bool keep-mask of shape
+    (..., Tq, Tk)) that exact mask is used, otherwise F.dropout draws one.
     """
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    if q.dim() >= 3 and k.shape[-3] != q.shape[-3]:
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
     scores = (q @ k.transpose(-2, -1)) * scale
     if is_causal:
         tq, tk = scores.shape[-2:]
         future = torch.ones(tq, tk, dtype=torch.bool, device=q.device).triu(1)
         scores = scores.masked_fill(future, float("-inf"))
-    weights = torch.softmax(scores, dim=-1)
+    if attn_mask is not None:
+        scores = scores.masked_fill(~attn_mask, float("-inf")) if attn_mask.dtype == torch.bool else scores + attn_mask
+    blind = (scores == float("-inf")).all(dim=-1, keepdim=True)  # rows that see no key: 0, not NaN
+    weights = torch.softmax(scores.masked_fill(blind, 0.0), dim=-1).masked_fill(blind, 0.0)
     if dropout_p > 0.0:
         if dropout_mask is None:
             weights = torch.nn.functional.dropout(weights, dropout_p)
