@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.common import DEVICE, compiled, skip_unless_runnable
 from kernels import reference
 from kernels.testing import attention_inputs, check_against_reference
-from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (B, H, T, D, dropout_p)
 if DEVICE == "cuda":

@@ -8,9 +8,9 @@ import torch
 import torch.nn.functional as F
 
 import kernels
+from bench.common import DEVICE, compiled, skip_unless_runnable
 from kernels import reference
 from kernels.testing import check_against_reference, layer_norm_inputs
-from bench.common import DEVICE, compiled, skip_unless_runnable
 
 # (rows, N, dtype)
 if DEVICE == "cuda":

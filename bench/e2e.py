@@ -34,7 +34,7 @@ def train(out_dir, preset, flags, iters, data):
     run = subprocess.run(command, capture_output=True, text=True)
     (out_dir.parent / f"{out_dir.name}.log").write_text(run.stdout + run.stderr)
     if run.returncode != 0:
-        return {"error": (run.stderr.strip().splitlines() or ["exit code %d" % run.returncode])[-1]}
+        return {"error": (run.stderr.strip().splitlines() or [f"exit code {run.returncode}"])[-1]}
     return json.loads((out_dir / "summary.json").read_text())
 
 

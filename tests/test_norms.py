@@ -7,9 +7,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import kernels
-from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 from kernels import reference
 from kernels.testing import check_against_reference, layer_norm_inputs
+
+from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 BACKENDS = ("eager",) + FUSED_BACKENDS
 N_ODD = [1, 7, 384, 1000, 4099]

@@ -12,9 +12,10 @@ import torch
 import torch.nn.functional as F
 
 import kernels
-from conftest import FUSED_BACKENDS, require_backend
 from kernels import reference
 from kernels.testing import assert_close
+
+from conftest import FUSED_BACKENDS, require_backend
 
 op_db = pytest.importorskip("torch.testing._internal.common_methods_invocations").op_db
 OPS = {op.name: op for op in op_db}
