@@ -72,3 +72,67 @@ def test_attention(timed, shape, backend, mode):
                 dtype=str(DTYPE).removeprefix("torch."))
     timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop},
           validation(backend, attend, q, k, v, p, backward=mode != "fwd"))
+
+
+# Today's models: a key-padding mask (each sequence a different length) and GQA (6 query heads over 2 KV heads),
+# each against F.sdpa given the same request. (B, Hq, Hkv, T, D)
+MODEL_SHAPES = [(64, 6, 2, 256, 64)] if DEVICE == "cuda" else [(16, 6, 2, 256, 64)]
+MODEL_CASES = [(kind, shape, backend) for kind in ("padding-mask", "gqa") for shape in MODEL_SHAPES
+               for backend in BACKENDS if backend != "torch.compile"]
+
+
+def padding_mask(b, t, device):
+    """(B, 1, 1, T) bool: sequence i keeps its first T - 8 * i keys (at least 8)."""
+    lengths = torch.clamp(t - 8 * torch.arange(b, device=device), min=8)
+    return (torch.arange(t, device=device)[None, :] < lengths[:, None])[:, None, None, :]
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("kind,shape,backend", MODEL_CASES, ids=[f"{k}-{'x'.join(map(str, s))}-{b}"
+                                                                 for k, s, b in MODEL_CASES])
+def test_attention_masks_and_gqa(timed, kind, shape, backend, mode):
+    skip_unless_runnable(backend)
+    b, hq, hkv, t, d = shape
+    gqa = kind == "gqa"
+    mask = None if gqa else padding_mask(b, t, DEVICE)
+    if backend not in ("torch", "eager"):  # time only what the backend fuses: a silent fallback would time torch
+        try:
+            kernels.backends.backend_for(backend, "attention", DEVICE, DTYPE, ("gqa",) if gqa else ("mask",))
+        except TypeError as lacking:
+            pytest.skip(str(lacking))
+    q = attention_inputs(b, hq, t, t, d, DEVICE, DTYPE, seed=0, requires_grad=mode != "fwd")[0]
+    _, k, v = attention_inputs(b, hkv if gqa else hq, t, t, d, DEVICE, DTYPE, seed=1, requires_grad=mode != "fwd")
+    # Padding: causal comes from the mask too (transformers builds such 4-D masks), so is_causal stays False.
+    causal = torch.ones(t, t, dtype=torch.bool, device=DEVICE).tril()
+    full_mask = None if gqa else mask & causal
+
+    def rows_of(q):  # the mask rows of q's batch (the check runs on the first two)
+        return None if full_mask is None else full_mask[:q.shape[0]]
+
+    def attend(q, k, v):
+        kwargs = dict(attn_mask=rows_of(q), is_causal=gqa, enable_gqa=gqa)
+        if backend == "torch":
+            return F.scaled_dot_product_attention(q, k, v, **kwargs)
+        with kernels.use_backend(backend):
+            return kernels.scaled_dot_product_attention(q, k, v, **kwargs)
+
+    def expected(q, k, v):
+        return reference.attention(q, k, v, gqa, 0.0, None, rows_of(q))
+
+    grad = torch.randn(b, hq, t, d, device=DEVICE, dtype=DTYPE)
+    if mode == "fwd":
+        def fn():
+            with torch.no_grad():
+                attend(q, k, v)
+    else:
+        def fn():
+            torch.autograd.grad(attend(q, k, v), (q, k, v), grad)
+
+    def check():
+        inputs = tuple(x[:2] for x in (q, k, v))  # two batch rows: enough to tell the mask's rows apart
+        check_against_reference(attend, expected, inputs, DTYPE, f"{kind} {backend}", backward=mode != "fwd")
+
+    flop = 2 * b * hq * t * t * d * (1 if mode == "fwd" else 3.5)
+    info = dict(op="attention", mode=mode, shape=f"{kind} B={b} Hq={hq}" + (f" Hkv={hkv}" if gqa else "")
+                + f" T={t} D={d}", dtype=str(DTYPE).removeprefix("torch."))
+    timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop}, check)
