@@ -80,10 +80,34 @@ class MLP(nn.Module):
         return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
 
 
+class LayerNorm(kernels.LayerNorm):
+    """kernels.LayerNorm that normalizes in its weight's dtype (float32), as CUDA autocast does for layer_norm.
+
+    Under autocast the residual stream stays float32, but without residual paths a sublayer's bfloat16/float16
+    output reaches the next norm, and kernels ops take one dtype for input and weight. Same parameters and keys.
+    """
+
+    def forward(self, input):
+        return super().forward(input.to(self.weight.dtype))
+
+
 def layer_norm(config):
     if not config.layernorm:
         return nn.Identity()
-    return kernels.LayerNorm(config.n_embd, bias=config.bias, backend=config.kernels)
+    return LayerNorm(config.n_embd, bias=config.bias, backend=config.kernels)
+
+
+def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
+    """The dtype each kernels op gets in a model of `config` computing in `compute_dtype` (autocast's dtype, or the
+    parameters' when there is no autocast): {op: dtype} for the ops the model uses, so that a run can check before
+    its first step that its backend takes them. Attention gets q, k, v from a Linear, so autocast's dtype;
+    LayerNorm normalizes in its parameters' dtype (see LayerNorm). The bigram model uses no kernels op."""
+    if config.arch != "gpt":
+        return {}
+    dtypes = {"attention": compute_dtype}
+    if config.layernorm:
+        dtypes["layer_norm"] = param_dtype
+    return dtypes
 
 
 class Block(nn.Module):

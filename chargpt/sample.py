@@ -16,7 +16,7 @@ from chargpt.checkpoint import BEST, LAST, load_checkpoint
 from chargpt.cli import OneLineParser, resolve_device, run
 from chargpt.data import CharTokenizer
 from chargpt.kernel_choice import KERNEL_CHOICES, choose_kernels
-from chargpt.model import ModelConfig, build_model
+from chargpt.model import ModelConfig, build_model, kernel_dtypes
 
 
 def build_parser():
@@ -55,7 +55,8 @@ def sample(args):
         raise ChargptError(f"the prompt has characters outside the model's vocabulary: {''.join(unknown)!r}")
 
     config = ModelConfig(**checkpoint["model_config"])
-    config.kernels = choose_kernels(args.kernels, device.type)
+    choice = choose_kernels(args.kernels, device.type, kernel_dtypes(config, torch.float32))  # no autocast here
+    config.kernels = choice.name
     model = build_model(config)
     try:
         model.load_state_dict(checkpoint["model"])
@@ -64,7 +65,9 @@ def sample(args):
             from None
     model.to(device).eval()
     print(f"{path}: iter {checkpoint['iter_num']}, trained with kernels {checkpoint['kernels']}, "
-          f"sampling with kernels {config.kernels} on {device}", file=sys.stderr)
+          f"sampling with kernels {choice.describe()} on {device}", file=sys.stderr)
+    if choice.note:
+        print(choice.note, file=sys.stderr)
 
     generator = torch.Generator(device).manual_seed(args.seed)
     start = torch.tensor([tokenizer.encode(prompt)], dtype=torch.long, device=device)

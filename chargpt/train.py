@@ -29,7 +29,7 @@ from chargpt.data import CharTokenizer, Dataset, batch_seed, load_text
 from chargpt.distributed import Distributed
 from chargpt.kernel_choice import KERNEL_CHOICES, choose_kernels
 from chargpt.metrics import MetricsLog, plot_losses
-from chargpt.model import ModelConfig, build_model
+from chargpt.model import ModelConfig, build_model, kernel_dtypes
 from chargpt.presets import PRESETS, TrainConfig, get_preset
 from chargpt.progress import Progress
 from chargpt.rng_state import rng_state, seed_everything, set_rng_state
@@ -178,11 +178,14 @@ def train(args):
     tokenizer = CharTokenizer(checkpoint["vocab"]) if checkpoint else None
     dataset = Dataset(text, model_cfg.block_size, tokenizer)
     model_cfg.vocab_size = len(dataset.tokenizer)
-    model_cfg.kernels = choose_kernels(cfg.requested_kernels, device.type, require_fused=args.fused)
+    dtype = resolve_dtype(args.dtype, device)
+    # Every op's backend is checked against the dtype it will get now, not at the first step.
+    kernel_choice = choose_kernels(cfg.requested_kernels, device.type, kernel_dtypes(model_cfg, dtype),
+                                   require_fused=args.fused)
+    model_cfg.kernels = kernel_choice.name
 
     world = Distributed(device)
     device = world.device
-    dtype = resolve_dtype(args.dtype, device)
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
@@ -219,8 +222,10 @@ def train(args):
         out_dir.mkdir(parents=True, exist_ok=True)
         metrics = MetricsLog(metrics_path, resume_at=iter_num if checkpoint else None)
         what = f"resuming {out_dir / LAST} at iter {iter_num}" if checkpoint else "training"
+        if kernel_choice.note:
+            progress.print(kernel_choice.note)
         progress.print(f"{what}: preset {cfg.preset_name}, {raw_model.num_params() / 1e6:.2f}M parameters, "
-                       f"kernels {model_cfg.kernels}, device {device}, dtype {str(dtype)[6:]}, "
+                       f"kernels {kernel_choice.describe()}, device {device}, dtype {str(dtype)[6:]}, "
                        f"threads {threads}, world size {world.world_size}, "
                        f"data {cfg.data_path or 'tiny shakespeare'}")
 
@@ -331,8 +336,8 @@ def train(args):
         summary = {"preset": cfg.preset_name, "iters": iter_num, "best_val_loss": best_val_loss,
                    "final_val_loss": losses["val"] if losses and not interrupted else None,
                    "tokens_per_sec": tokens_per_sec, "wall_seconds": time.time() - started,
-                   "kernels": model_cfg.kernels, "device": str(device), "dtype": str(dtype)[6:],
-                   "threads": threads, "world_size": world.world_size, "compile": args.compile,
+                   "kernels": model_cfg.kernels, "kernels_by_op": kernel_choice.by_op, "device": str(device),
+                   "dtype": str(dtype)[6:], "threads": threads, "world_size": world.world_size, "compile": args.compile,
                    "params": raw_model.num_params(), "interrupted": interrupted}
         (out_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     world.close()

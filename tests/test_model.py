@@ -10,7 +10,7 @@ import torch
 import kernels
 from chargpt import ChargptError
 from chargpt.kernel_choice import choose_kernels
-from chargpt.model import GPT, ModelConfig, build_model
+from chargpt.model import GPT, ModelConfig, build_model, kernel_dtypes
 from chargpt.presets import PRESETS, get_preset
 from kernels import backends
 
@@ -135,18 +135,77 @@ def test_bigram_generates_in_vocab():
     assert out.shape == (1, 31) and int(out.max()) < 65
 
 
+F32 = {"attention": torch.float32, "layer_norm": torch.float32}
+BF16_ATTENTION = {"attention": torch.bfloat16, "layer_norm": torch.float32}  # a GPT under CPU bf16 autocast
+
+
 def test_choose_kernels():
-    assert choose_kernels("eager", "cpu") == "eager"
-    assert choose_kernels("auto", "cpu") in ("ext", "eager")
+    assert choose_kernels("eager", "cpu", F32).name == "eager"
+    assert choose_kernels("auto", "cpu", F32).name in ("ext", "eager")
+    assert choose_kernels("eager", "cpu", BF16_ATTENTION).by_op == {"attention": "eager", "layer_norm": "eager"}
     with pytest.raises(ChargptError, match="unknown kernels backend"):
-        choose_kernels("fast", "cpu")
+        choose_kernels("fast", "cpu", F32)
 
 
 def test_fused_stops_when_no_fused_backend(monkeypatch):
     monkeypatch.setattr(backends, "unavailable_reason",
                         lambda name: None if name == "eager" else f"{name} is not built")
-    assert choose_kernels("auto", "cpu") == "eager"
+    assert choose_kernels("auto", "cpu", F32).name == "eager"
     with pytest.raises(ChargptError, match="--fused: no fused kernel backend runs on cpu here .*ext is not built"):
-        choose_kernels("auto", "cpu", require_fused=True)
+        choose_kernels("auto", "cpu", F32, require_fused=True)
     with pytest.raises(ChargptError, match="'ext' is unavailable: ext is not built"):
-        choose_kernels("ext", "cpu")
+        choose_kernels("ext", "cpu", F32)
+
+
+def require_ext():
+    if "ext" not in BACKENDS:
+        pytest.skip(f"the ext backend does not load here: {backends.unavailable_reason('ext')}")
+
+
+def test_auto_runs_eager_the_ops_no_fused_kernel_takes():
+    require_ext()  # its CPU kernels take float32 only
+    choice = choose_kernels("auto", "cpu", BF16_ATTENTION, require_fused=True)
+    assert choice.by_op == {"attention": "eager", "layer_norm": "ext"}
+    assert choice.name == "auto"  # so each op picks at call time, as by_op says
+    assert choice.note == ("kernels auto: attention runs eager (no fused kernel here takes bfloat16 on cpu yet), "
+                           "layer_norm runs ext")
+    assert choose_kernels("auto", "cpu", F32, require_fused=True) == choose_kernels("ext", "cpu", F32)
+    assert choose_kernels("ext", "cpu", F32).note is None
+    bigram = choose_kernels("auto", "cpu", {}, require_fused=True)  # no kernels op: the backend auto would use
+    assert (bigram.name, bigram.by_op, bigram.note) == ("ext", {}, None)
+
+
+def test_a_named_backend_that_does_not_take_the_dtype_is_an_error():
+    require_ext()
+    with pytest.raises(ChargptError, match=r"--kernels ext cannot run this model's attention, which gets bfloat16 "
+                                           r"tensors on cpu .*use --kernels auto .* or --dtype float32"):
+        choose_kernels("ext", "cpu", BF16_ATTENTION)
+    with pytest.raises(ChargptError, match="--fused: no fused kernel here takes .*attention: float16, "
+                                           "layer_norm: float16"):
+        choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float16}, require_fused=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("switches", [{}, {"residual": False}, {"layernorm": False}, {"arch": "bigram"}],
+                         ids=["gpt", "no-residual", "no-layernorm", "bigram"])
+def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches):
+    """kernel_dtypes, which a run checks its backend against, matches the dtypes that reach the kernels seam in
+    training and in generation under autocast (the LayerNorm of a model without residual paths included)."""
+    seen = {}
+    implementation = backends.implementation
+
+    def recording(name, op, tensor, *args, **kwargs):
+        seen.setdefault(op, set()).add(tensor.dtype)
+        return implementation(name, op, tensor, *args, **kwargs)
+
+    monkeypatch.setattr(backends, "implementation", recording)
+    config = replace(TINY, dropout=0.1, **switches)
+    model = build_model(config)
+    x, y = random_batch(config)
+    autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
+    with autocast:
+        _, loss = model(x, y)
+    loss.backward()
+    with autocast:
+        model.generate(x[:1, :2], 3)
+    assert seen == {op: {dtype} for op, dtype in kernel_dtypes(config, dtype).items()}
