@@ -136,11 +136,49 @@ def _autotuned(kernel_name, kernel, q, seq_len, dropout):
 
 
 @triton.jit
-def _block_of_head(n_rows, BLOCK: tl.constexpr):
-    """(first row, b * H + h) of this program. The grid is 1-D (no 65,535 limit on B * H), and the row blocks
+def _program_head(n_rows, H, BLOCK: tl.constexpr):
+    """(first row, b, h, b * H + h) of this program. The grid is 1-D (no 65,535 limit on B * H), and the row blocks
     of one head are adjacent, so programs running together share that head's K and V in L2."""
     blocks = tl.cdiv(n_rows, BLOCK)
-    return tl.program_id(0) % blocks * BLOCK, tl.program_id(0) // blocks
+    bh = tl.program_id(0) // blocks
+    return tl.program_id(0) % blocks * BLOCK, (bh // H).to(tl.int64), (bh % H).to(tl.int64), bh
+
+
+@triton.jit
+def _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT: tl.constexpr):
+    """(seed, rng_base): the call's Philox seed and the first offset of head bh in the dropout spec."""
+    seed = 0
+    if HAS_DROPOUT:
+        seed = tl.load(seed_ptr)
+    return seed, bh.to(tl.int64) * T_Q * T_K
+
+
+@triton.jit
+def _key_ranges(start_m, T_K, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(unmasked_hi, key_hi) for the query block at start_m: keys [0, unmasked_hi) are whole key blocks every query
+    of the block sees (no mask); [unmasked_hi, key_hi) cross the diagonal or the T_K tail (masked); keys from key_hi
+    on are in the future of every query of the block (never visited)."""
+    if IS_CAUSAL:
+        key_hi = tl.minimum(T_K, start_m + BLOCK_M)
+        unmasked_hi = tl.minimum(start_m, T_K) // BLOCK_N * BLOCK_N
+    else:
+        key_hi = T_K
+        unmasked_hi = T_K // BLOCK_N * BLOCK_N
+    return unmasked_hi, key_hi
+
+
+@triton.jit
+def _query_ranges(start_n, T_Q, IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """(query_lo, diagonal_hi, full_hi) for the key block at start_n: queries before query_lo never see it; query
+    blocks [query_lo, diagonal_hi) cross the diagonal (masked); [diagonal_hi, full_hi) see all of it (no mask);
+    [max(diagonal_hi, full_hi), T_Q) is the T_Q tail (masked)."""
+    if IS_CAUSAL:
+        query_lo = start_n // BLOCK_M * BLOCK_M
+        diagonal_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, T_Q)
+    else:
+        query_lo = 0
+        diagonal_hi = 0
+    return query_lo, diagonal_hi, T_Q // BLOCK_M * BLOCK_M
 
 
 @triton.jit
@@ -195,13 +233,19 @@ def _visible(query_index, key_index, swept_index, swept_len, IS_CAUSAL: tl.const
     return visible
 
 
+# The sweeps take first what differs between their calls: the carried state, the block range [lo, hi) and whether
+# it needs masking. The rest (tiles held in registers, the swept matrices, scalars, constexprs) is the same in every
+# call of one kernel.
+
 @triton.jit
-def _forward_sweep(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d,
-                   key_lo, key_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                   HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_sweep(acc, row_max, row_sum, key_lo, key_hi, MASKED: tl.constexpr,
+                   q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+                   seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # Online softmax over key blocks [key_lo, key_hi): rescale what has been accumulated whenever the row max
     # grows. Dropout zeroes probabilities after they enter the row sum, so the normalizer is the undropped one.
+    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, offs_d, stride_kn, T_K, MASKED, HEAD_DIM, BLOCK_D)
@@ -225,43 +269,36 @@ def _forward_sweep(acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_v
 
 @triton.jit
 def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
-                       stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                       stride_vb, stride_vh, stride_vn, stride_ob, stride_oh, stride_om,
-                       H, T_Q, T_K, qk_scale, dropout_p, dropout_scale,
+                       stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides; columns unit
+                       stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
+                       stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
+                       stride_ob, stride_oh, stride_om,  # out (B, H, Tq, D)
+                       H, T_Q, T_K, qk_scale,  # heads, lengths, scale * log2(e)
+                       dropout_p, dropout_scale,  # p and 1 / (1 - p)
                        IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                        BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks) x (B*H). Key blocks below the diagonal and inside T_K run unmasked; the (at most a
     # couple of) blocks on the diagonal or at the T_K tail run masked; blocks in the future are never visited.
-    start_m, bh = _block_of_head(T_Q, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    start_m, b, h, bh = _program_head(T_Q, H, BLOCK_M)
+    seed, rng_base = _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, T_Q, True, HEAD_DIM, BLOCK_D)
     K_head = K + b * stride_kb + h * stride_kh
     V_head = V + b * stride_vb + h * stride_vh
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    rng_base = bh.to(tl.int64) * T_Q * T_K
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    if IS_CAUSAL:
-        key_hi = tl.minimum(T_K, start_m + BLOCK_M)
-        unmasked_hi = tl.minimum(start_m, T_K) // BLOCK_N * BLOCK_N
-    else:
-        key_hi = T_K
-        unmasked_hi = T_K // BLOCK_N * BLOCK_N
-    acc, row_max, row_sum = _forward_sweep(
-        acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked_hi,
-        T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-        IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_N)
-    acc, row_max, row_sum = _forward_sweep(
-        acc, row_max, row_sum, q, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, unmasked_hi, key_hi,
-        T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-        IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+    unmasked_hi, key_hi = _key_ranges(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, 0, unmasked_hi, False,
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+                                           seed, rng_base, dropout_p, dropout_scale,
+                                           IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+    acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, unmasked_hi, key_hi, True,
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+                                           seed, rng_base, dropout_p, dropout_scale,
+                                           IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
 
     # Key 0 is visible to every query, so row_sum > 0 and row_max is finite for every row.
     _store_rows(Out + b * stride_ob + h * stride_oh, acc / row_sum[:, None], offs_m, offs_d, stride_om, T_Q,
@@ -270,14 +307,13 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
 
 
 @triton.jit
-def _attention_backward_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om, stride_dob, stride_doh,
-                              stride_dom, H, T_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-                              BLOCK_M: tl.constexpr):
+def _attention_backward_delta(Out, dOut, Delta,
+                              stride_ob, stride_oh, stride_om,  # out (B, H, Tq, D): batch, head, row strides
+                              stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
+                              H, T_Q, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # delta_i = sum_d dO[i, d] * O[i, d] = sum_j P_ij dP_ij: the softmax-backward row term, one row per query.
-    start_m, bh = _block_of_head(T_Q, BLOCK_M)
+    start_m, b, h, bh = _program_head(T_Q, H, BLOCK_M)
     offs_m = start_m + tl.arange(0, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
     offs_d = tl.arange(0, BLOCK_D)
     o = _load_rows(Out + b * stride_ob + h * stride_oh, offs_m, offs_d, stride_om, T_Q, True, HEAD_DIM, BLOCK_D)
     do = _load_rows(dOut + b * stride_dob + h * stride_doh, offs_m, offs_d, stride_dom, T_Q, True, HEAD_DIM,
@@ -287,12 +323,14 @@ def _attention_backward_delta(Out, dOut, Delta, stride_ob, stride_oh, stride_om,
 
 
 @triton.jit
-def _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n, offs_d,
-                query_lo, query_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-                HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _dkdv_sweep(dk, dv, query_lo, query_hi, MASKED: tl.constexpr,
+                k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K, qk_scale,
+                seed, rng_base, dropout_p, dropout_scale,
+                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed tiles (keys x queries): P^T = exp2(k q^T * scale - lse), dV += (P*Z)^T dO,
     # dP^T = Z * (v dO^T), dS^T = P^T * (dP^T - delta), dK += dS^T q, with Z = keep / (1 - p) under dropout.
+    offs_d = tl.arange(0, BLOCK_D)
     for start_m in range(query_lo, query_hi, BLOCK_M):
         offs_m = start_m + tl.arange(0, BLOCK_M)
         q = _load_rows(Q_head, offs_m, offs_d, stride_qm, T_Q, MASKED, HEAD_DIM, BLOCK_D)
@@ -320,17 +358,20 @@ def _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, 
 
 @triton.jit
 def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, seed_ptr,
-                             stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                             stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                             stride_dkb, stride_dkh, stride_dkn, stride_dvb, stride_dvh, stride_dvn,
-                             H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
+                             stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides
+                             stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
+                             stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
+                             stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
+                             stride_dkb, stride_dkh, stride_dkn,  # dK (B, H, Tk, D)
+                             stride_dvb, stride_dvh, stride_dvn,  # dV (B, H, Tk, D)
+                             H, T_Q, T_K, qk_scale, scale,  # heads, lengths, scale * log2(e), scale
+                             dropout_p, dropout_scale,  # p and 1 / (1 - p)
                              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                              BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (key blocks) x (B*H): k and v stay in registers while query blocks stream past. Causal: queries before
     # the key block never see it (skipped); query blocks crossing the diagonal and the T_Q tail run masked.
-    start_n, bh = _block_of_head(T_K, BLOCK_N)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    start_n, b, h, bh = _program_head(T_K, H, BLOCK_N)
+    seed, rng_base = _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT)
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, T_K, True, HEAD_DIM, BLOCK_D)
@@ -339,40 +380,35 @@ def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, seed_ptr,
     dO_head = dOut + b * stride_dob + h * stride_doh
     LSE_head = LSE + bh * T_Q
     Delta_head = Delta + bh * T_Q
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    rng_base = bh.to(tl.int64) * T_Q * T_K
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        query_lo = start_n // BLOCK_M * BLOCK_M
-        diagonal_hi = tl.minimum(tl.cdiv(start_n + BLOCK_N, BLOCK_M) * BLOCK_M, T_Q)
-    else:
-        query_lo = 0
-        diagonal_hi = 0
-    full_hi = T_Q // BLOCK_M * BLOCK_M
-    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
-                         offs_d, query_lo, diagonal_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p,
-                         dropout_scale, IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_M)
-    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
-                         offs_d, diagonal_hi, full_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p,
-                         dropout_scale, IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_M)
-    dk, dv = _dkdv_sweep(dk, dv, k, v, Q_head, dO_head, LSE_head, Delta_head, stride_qm, stride_dom, offs_n,
-                         offs_d, tl.maximum(diagonal_hi, full_hi), T_Q, T_Q, T_K, qk_scale, seed, rng_base,
-                         dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_M)
+    query_lo, diagonal_hi, full_hi = _query_ranges(start_n, T_Q, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dk, dv = _dkdv_sweep(dk, dv, query_lo, diagonal_hi, True,
+                         k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
+                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+    dk, dv = _dkdv_sweep(dk, dv, diagonal_hi, full_hi, False,
+                         k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
+                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+    dk, dv = _dkdv_sweep(dk, dv, tl.maximum(diagonal_hi, full_hi), T_Q, True,
+                         k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
+                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
 
     _store_rows(dK + b * stride_dkb + h * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, T_K, HEAD_DIM)
     _store_rows(dV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, T_K, HEAD_DIM)
 
 
 @triton.jit
-def _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, key_lo, key_hi,
-              T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr,
-              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+def _dq_sweep(dq, key_lo, key_hi, MASKED: tl.constexpr,
+              q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+              seed, rng_base, dropout_p, dropout_scale,
+              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # P = exp2(q k^T * scale - lse), dP = Z * (dO v^T), dS = P * (dP - delta), dQ += dS k.
+    offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, offs_d, stride_kn, T_K, MASKED, HEAD_DIM, BLOCK_D)
@@ -391,16 +427,18 @@ def _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_
 
 @triton.jit
 def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
-                           stride_qb, stride_qh, stride_qm, stride_kb, stride_kh, stride_kn,
-                           stride_vb, stride_vh, stride_vn, stride_dob, stride_doh, stride_dom,
-                           stride_dqb, stride_dqh, stride_dqm,
-                           H, T_Q, T_K, qk_scale, scale, dropout_p, dropout_scale,
+                           stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides
+                           stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
+                           stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
+                           stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
+                           stride_dqb, stride_dqh, stride_dqm,  # dQ (B, H, Tq, D)
+                           H, T_Q, T_K, qk_scale, scale,  # heads, lengths, scale * log2(e), scale
+                           dropout_p, dropout_scale,  # p and 1 / (1 - p)
                            IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
                            BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks) x (B*H): the forward's loop structure, with q, dO, lse and delta held in registers.
-    start_m, bh = _block_of_head(T_Q, BLOCK_M)
-    b = (bh // H).to(tl.int64)
-    h = (bh % H).to(tl.int64)
+    start_m, b, h, bh = _program_head(T_Q, H, BLOCK_M)
+    seed, rng_base = _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT)
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, T_Q, True, HEAD_DIM, BLOCK_D)
@@ -410,24 +448,15 @@ def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
     delta = tl.load(Delta + bh * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
     K_head = K + b * stride_kb + h * stride_kh
     V_head = V + b * stride_vb + h * stride_vh
-    seed = 0
-    if HAS_DROPOUT:
-        seed = tl.load(seed_ptr)
-    rng_base = bh.to(tl.int64) * T_Q * T_K
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    if IS_CAUSAL:
-        key_hi = tl.minimum(T_K, start_m + BLOCK_M)
-        unmasked_hi = tl.minimum(start_m, T_K) // BLOCK_N * BLOCK_N
-    else:
-        key_hi = T_K
-        unmasked_hi = T_K // BLOCK_N * BLOCK_N
-    dq = _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, 0, unmasked_hi,
-                   T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                   IS_CAUSAL, HAS_DROPOUT, False, HEAD_DIM, BLOCK_D, BLOCK_N)
-    dq = _dq_sweep(dq, q, do, lse, delta, K_head, V_head, stride_kn, stride_vn, offs_m, offs_d, unmasked_hi,
-                   key_hi, T_Q, T_K, qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                   IS_CAUSAL, HAS_DROPOUT, True, HEAD_DIM, BLOCK_D, BLOCK_N)
+    unmasked_hi, key_hi = _key_ranges(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
+    dq = _dq_sweep(dq, 0, unmasked_hi, False,
+                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+                   seed, rng_base, dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+    dq = _dq_sweep(dq, unmasked_hi, key_hi, True,
+                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
+                   seed, rng_base, dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
     _store_rows(dQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, T_Q, HEAD_DIM)
 
 

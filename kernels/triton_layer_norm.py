@@ -49,7 +49,16 @@ def _affine(xhat, W, B, cols, col_ok, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.con
 
 
 @triton.jit
-def _layer_norm_forward(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
+def _load_block(rows_ptr, row_ok, cols, N):
+    """(block of the row tile in fp32, zero outside the matrix; its mask) for columns `cols`."""
+    mask = row_ok[:, None] & (cols < N)[None, :]
+    return tl.load(rows_ptr + cols[None, :], mask=mask, other=0.0).to(tl.float32), mask
+
+
+@triton.jit
+def _layer_norm_forward(X, Y, W, B, Mean, Rstd,
+                        stride_x, stride_y,  # row strides of x and y (M, N); columns have unit stride
+                        M, N, eps,
                         HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid (cdiv(M, BLOCK_M),): one (BLOCK_M, BLOCK_N) tile of rows per program; variance from centred values.
@@ -59,8 +68,7 @@ def _layer_norm_forward(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
     Y_rows = Y + rows.to(tl.int64)[:, None] * stride_y
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
-        mask = row_ok[:, None] & (cols < N)[None, :]
-        x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        x, mask = _load_block(X_rows, row_ok, cols, N)
         mean = tl.sum(x, 1) / N
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / N + eps)
@@ -69,22 +77,18 @@ def _layer_norm_forward(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
     else:
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_ok[:, None] & (cols < N)[None, :]
-            total += tl.sum(tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32), 1)
+            x, mask = _load_block(X_rows, row_ok, start + tl.arange(0, BLOCK_N), N)
+            total += tl.sum(x, 1)
         mean = total / N
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
-            cols = start + tl.arange(0, BLOCK_N)
-            mask = row_ok[:, None] & (cols < N)[None, :]
-            x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, mask = _load_block(X_rows, row_ok, start + tl.arange(0, BLOCK_N), N)
             centred = tl.where(mask, x - mean[:, None], 0.0)
             squares += tl.sum(centred * centred, 1)
         rstd = 1.0 / tl.sqrt(squares / N + eps)
         for start in range(0, N, BLOCK_N):
             cols = start + tl.arange(0, BLOCK_N)
-            mask = row_ok[:, None] & (cols < N)[None, :]
-            x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            x, mask = _load_block(X_rows, row_ok, cols, N)
             y = _affine((x - mean[:, None]) * rstd[:, None], W, B, cols, cols < N, HAS_WEIGHT, HAS_BIAS)
             tl.store(Y_rows + cols[None, :], y.to(Y.dtype.element_ty), mask=mask)
     tl.store(Mean + rows, mean, mask=row_ok)
@@ -94,19 +98,18 @@ def _layer_norm_forward(X, Y, W, B, Mean, Rstd, stride_x, stride_y, M, N, eps,
 @triton.jit
 def _normalized_grads(X_rows, DY_rows, W, mean, rstd, cols, row_ok, N, HAS_WEIGHT: tl.constexpr):
     """xhat, dy and g = dy * w (all fp32, zero outside the matrix) for one column block of a row tile."""
-    col_ok = cols < N
-    mask = row_ok[:, None] & col_ok[None, :]
-    x = tl.load(X_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
-    dy = tl.load(DY_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+    x, mask = _load_block(X_rows, row_ok, cols, N)
+    dy, _ = _load_block(DY_rows, row_ok, cols, N)
     xhat = tl.where(mask, (x - mean[:, None]) * rstd[:, None], 0.0)
     g = dy
     if HAS_WEIGHT:
-        g = dy * tl.load(W + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+        g = dy * tl.load(W + cols, mask=cols < N, other=0.0).to(tl.float32)[None, :]
     return xhat, dy, g
 
 
 @triton.jit
-def _layer_norm_backward(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial, stride_dy, stride_x, stride_dx,
+def _layer_norm_backward(DY, X, W, Mean, Rstd, DX, DW_partial, DB_partial,
+                         stride_dy, stride_x, stride_dx,  # row strides of dy, x and dx (M, N); columns unit
                          M, N, rows_per_program,
                          HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr, SINGLE_BLOCK: tl.constexpr,
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
