@@ -173,6 +173,11 @@ def _unit_column_stride(t):
     return t if t.stride(1) == 1 or t.shape[1] == 1 else t.contiguous()
 
 
+def _dense_vector(t):
+    """weight/bias as the kernels read them (unit stride); a strided or expanded one is (N,): cheap to copy."""
+    return None if t is None else t.contiguous()
+
+
 def _backward_programs(device, n_rows, block_m):
     """(programs, rows_per_program): a few programs per SM, each owning a whole number of row tiles."""
     sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
@@ -185,7 +190,7 @@ def _backward_programs(device, n_rows, block_m):
 def layer_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Optional[torch.Tensor],
                        eps: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(y, mean, rstd) for x (M, N): y in x's dtype, mean and rstd (M,) float32."""
-    x = _unit_column_stride(x)
+    x, weight, bias = _unit_column_stride(x), _dense_vector(weight), _dense_vector(bias)
     n_rows, n_cols = x.shape
     block_m, block_n, num_warps = launch_config(n_rows, n_cols)
     y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
@@ -202,7 +207,7 @@ def layer_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
 def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[torch.Tensor], mean: torch.Tensor,
                         rstd: torch.Tensor, has_bias: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(dx, dw, db); dw (db) is an empty tensor when there is no weight (bias)."""
-    grad_y, x = _unit_column_stride(grad_y), _unit_column_stride(x)
+    grad_y, x, weight = _unit_column_stride(grad_y), _unit_column_stride(x), _dense_vector(weight)
     n_rows, n_cols = x.shape
     block_m, block_n, num_warps = launch_config(n_rows, n_cols)
     single_block = n_cols <= block_n
