@@ -465,6 +465,13 @@ def _unit_last_stride(t):
     return t if t.stride(-1) == 1 else t.contiguous()
 
 
+def _new_like(t):
+    """A contiguous tensor of t's shape: the layout the kernels write. empty_like would keep t's layout, which for
+    overlapping or expanded inputs has no unit last stride or no distinct rows (and differs between fake and real
+    tensors for some size-1 dims)."""
+    return torch.empty(t.shape, device=t.device, dtype=t.dtype)
+
+
 def _bht_strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
@@ -476,11 +483,11 @@ def _dropout_args(dropout_p):
 @torch.library.triton_op("chargpt_triton::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
                       is_causal: bool, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out like q; lse (B, H, Tq) float32 in log2 units. `seed` is required when dropout_p > 0."""
+    """(out, lse): out contiguous, q's shape and dtype; lse (B, H, Tq) float32 in log2 units. `seed` is required when dropout_p > 0."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads, t_q, head_dim = q.shape
     t_k = k.shape[2]
-    out = torch.empty_like(q)
+    out = _new_like(q)
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
     kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
@@ -501,7 +508,7 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
     t_k = k.shape[2]
     block_d = head_dim_block(head_dim)
     delta = torch.empty_like(lse)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)  # of expanded inputs too: autograd sums them
     wrap_triton(_attention_backward_delta)[(triton.cdiv(t_q, DELTA_BLOCK_M) * batch * heads,)](
         out, grad_out, delta, *_bht_strides(out), *_bht_strides(grad_out), heads, t_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)

@@ -44,3 +44,52 @@ def test_layer_norm_weight_and_bias_views(n, layout):
                      grad.double())
     for what, a, e in zip(("y", "dx", "dw", "db"), got, want):
         assert_close(a, e, torch.float32, f"{layout} weight/bias {what} (n={n})")
+
+
+# --- Attention: outputs in the layout the kernels write ----------------------------------------------------------
+
+B, H, T, D = 2, 3, 40, 8
+
+
+def _attention_layouts():
+    """name -> function making a (B, H, T, D) tensor in that layout from a generator."""
+    return {
+        "transposed": lambda gen: torch.randn(B, T, H, D, generator=gen).transpose(1, 2),  # nanoGPT's view
+        "head-stride-1": lambda gen: torch.randn(B, T, D, H, generator=gen).permute(0, 3, 1, 2),  # stride(1) == 1
+        "expanded-batch": lambda gen: torch.randn(1, H, T, D, generator=gen).expand(B, H, T, D),  # stride 0
+        "expanded-head": lambda gen: torch.randn(B, 1, T, D, generator=gen).expand(B, H, T, D),
+        # heads overlapping, one element apart (stride(1) == 1, unit last stride): empty_like gives no unit last stride
+        "overlapping-heads": lambda gen: torch.randn(T * (H + D) + D, generator=gen).as_strided(
+            (B, H, T, D), (0, 1, H + D, 1)),
+    }
+
+
+@pytest.mark.parametrize("which", ["q", "k", "v"])
+@pytest.mark.parametrize("layout", list(_attention_layouts()))
+def test_attention_inputs_in_any_layout(layout, which):
+    """Any input layout gives the reference's output and gradients, in plain contiguous (B, H, T, D) tensors."""
+    from kernels import triton_attention
+
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(B, H, T, D, generator=gen) for _ in range(3)]
+    inputs["qkv".index(which)] = _attention_layouts()[layout](gen)
+    inputs = [t.to(DEVICE) for t in inputs]
+    got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, True, 0.0, 0.3), inputs)
+    want, _ = _grads(lambda q, k, v: reference.attention(q, k, v, True, 0.0, 0.3), [t.double() for t in inputs],
+                     grad.double())
+    for what, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, e, torch.float32, f"{which} {layout}: {what}")
+
+
+@pytest.mark.parametrize("layout", ["transposed", "head-stride-1", "overlapping-heads"])
+def test_attention_op_returns_contiguous_tensors(layout):
+    """The op allocates what its kernels write (contiguous (B, H, T, D)), so fake tensors (torch.compile) and real
+    ones agree on strides whatever the inputs' layout."""
+    from kernels import triton_attention
+
+    gen = torch.Generator().manual_seed(4)
+    q, k, v = (_attention_layouts()[layout](gen).to(DEVICE) for _ in range(3))
+    out, lse = triton_attention.attention_forward(q, k, v, None, True, 0.0, 0.3)
+    dq, dk, dv = triton_attention.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, True, 0.0, 0.3)
+    for what, t, like in [("out", out, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)]:
+        assert t.shape == like.shape and t.is_contiguous(), f"{what}: {tuple(t.shape)} strides {t.stride()}"
