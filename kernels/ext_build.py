@@ -27,6 +27,7 @@ CSRC = ROOT / "csrc"
 # to torch (C++17 or C++20 by version).
 CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
+HEADER_SUFFIXES = (".h", ".cuh")
 OPS = ("layer_norm_fwd", "layer_norm_bwd", "attention_fwd", "attention_bwd")
 
 _lock = threading.Lock()
@@ -86,7 +87,9 @@ def _jit_build(with_cuda):
     os.makedirs(build_dir, exist_ok=True)
     sources = cpp_sources() + (cuda_sources() if with_cuda else [])
     built = glob.glob(os.path.join(build_dir, f"chargpt_ext_{variant}*.so"))
-    newest_source = max(os.path.getmtime(p) for p in sources + glob.glob(str(CSRC / "**" / "*.h"), recursive=True))
+    # Only for the notice: ninja itself tracks every included header (.h and .cuh) through the compilers' depfiles.
+    headers = [p for p in glob.glob(str(CSRC / "**" / "*"), recursive=True) if p.endswith(HEADER_SUFFIXES)]
+    newest_source = max(os.path.getmtime(p) for p in sources + headers)
     if not built or max(os.path.getmtime(p) for p in built) < newest_source:  # else ninja has nothing to do
         print(f"kernels: compiling the chargpt {'C++/CUDA' if with_cuda else 'C++'} extension (first use, cached in "
               f"{build_dir})", file=sys.stderr, flush=True)

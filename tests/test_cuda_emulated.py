@@ -125,3 +125,12 @@ def test_attention_dropout_uses_the_specified_mask(ops, dtype, kind):
     got, want = run_attention(ops, q, k, v, True, p, seed, mask)
     for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
         assert_close(a, ref, dtype, f"emulated CUDA {kind} attention dropout {name}")
+
+
+def test_emulator_includes_every_cuda_source():
+    """emulated_ops.cpp compiles the .cu files by #include: a new file in csrc/cuda must be added there too."""
+    from kernels import ext_build
+
+    text = (EMULATOR / "emulated_ops.cpp").read_text()
+    missing = [Path(p).name for p in ext_build.cuda_sources() if f'"../../csrc/cuda/{Path(p).name}"' not in text]
+    assert not missing, f"tests/cuda_emulator/emulated_ops.cpp does not include {missing}"

@@ -1,7 +1,7 @@
 """The CUDA kernels compile for the GPUs we target, without a GPU: each .cu file goes through nvcc once for sm_80
-and sm_90 together (files in parallel), with -Xptxas -v. Registers and spills are printed per kernel (pytest -s);
-any compile error or a spill over MAX_SPILL_BYTES in a shipped kernel fails. Skipped without nvcc or with a
-CPU-only torch."""
+and sm_90 together (files in parallel), with -Xptxas -v; a host-only file (no __global__) just has to compile.
+Registers and spills are printed per kernel (pytest -s); any compile error or a spill over MAX_SPILL_BYTES in a
+shipped kernel fails. Skipped without nvcc or with a CPU-only torch."""
 
 import inspect
 import os
@@ -76,6 +76,8 @@ def test_cuda_sources_compile_for_sm80_and_sm90_without_spills(tmp_path):
             failures.append(f"{name}: nvcc exit {job.returncode}\n" + "\n".join(errors or log.splitlines()[-10:]))
             continue
         stats = _kernel_stats(log)
+        if "__global__" not in open(source).read():
+            continue  # host code only (launch and dispatch): it compiles, and has no kernel to report
         assert stats, f"{name}: no kernels reported by ptxas"
         print(f"\n{name}: kernel (sm) registers spill-stores spill-loads")
         for kernel, arch, regs, stores, loads in stats:

@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../host_utils.h"
 #include "buffer_pool.h"
 #include "simd.h"
 
@@ -90,22 +91,8 @@ struct Matrices {
   const float* at_head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
-struct DropoutSpec {
-  bool on = false;
-  uint64_t seed = 0;
-  float p = 0.f, keep_scale = 1.f;
-};
-
-DropoutSpec dropout_spec(double dropout_p, const std::optional<at::Tensor>& seed) {
-  DropoutSpec d;
-  if (dropout_p > 0.0) {
-    d.on = true;
-    d.seed = static_cast<uint64_t>(seed->item<int64_t>());  // a CPU tensor: reading it costs no sync
-    d.p = static_cast<float>(dropout_p);
-    d.keep_scale = 1.f / (1.f - d.p);
-  }
-  return d;
-}
+// The dropout seed's value (a CPU tensor: reading it costs no sync), 0 when dropout is off.
+inline uint64_t seed_value(const DropoutArgs& drop) { return drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0; }
 
 // Number of keys of tile [j0, j0 + bk) that query i may see.
 inline int64_t visible_keys(bool causal, int64_t i, int64_t j0, int64_t bk) {
@@ -127,7 +114,9 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   const Matrices q(q_in), k(k_in), v(v_in);
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const float scale = static_cast<float>(scale_d);
-  const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  const DropoutArgs drop = dropout_args(dropout_p, seed);
+  const bool dropout = drop.p > 0.f;
+  const uint64_t drop_seed = seed_value(drop);
   at::Tensor out = pooled_empty({B, H, Tq, D});
   at::Tensor lse = at::empty({B, H, Tq}, q_in.options().dtype(at::kFloat));
   float* out_p = out.mutable_data_ptr<float>();
@@ -176,10 +165,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
             float* ar = acc.data() + r * D;
             for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           }
-          if (drop.on) {  // the row sum above is taken before dropout, as softmax-then-dropout requires
+          if (dropout) {  // the row sum above is taken before dropout, as softmax-then-dropout requires
             const uint64_t base = static_cast<uint64_t>(((bh * Tq) + i0 + r) * Tk + j0);
             // Only the visible keys need a draw: past them P is exactly 0 and z stays finite from earlier rows.
-            simd::dropout_factors(z.data(), visible, drop.seed, base, drop.p, drop.keep_scale);
+            simd::dropout_factors(z.data(), visible, drop_seed, base, drop.p, drop.keep_scale);
             for (int64_t j = 0; j < kTileK; j += kWidth)
               simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
           }
@@ -211,7 +200,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const at::Tensor lse = lse_in.contiguous();
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const float scale = static_cast<float>(scale_d);
-  const DropoutSpec drop = dropout_spec(dropout_p, seed);
+  const DropoutArgs drop = dropout_args(dropout_p, seed);
+  const bool dropout = drop.p > 0.f;
+  const uint64_t drop_seed = seed_value(drop);
   // Not zero-filled: each tile's first contribution is written with beta = 0 (and unvisited key rows zeroed).
   at::Tensor dq = pooled_empty({B, H, Tq, D});
   at::Tensor dk = pooled_empty({B, H, Tk, D});
@@ -224,7 +215,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
 
   at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
-    std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(drop.on ? kTileQ * kTileK : 0), z(kTileK),
+    std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(dropout ? kTileQ * kTileK : 0), z(kTileK),
         delta(Tq);
     for (int64_t bh = begin; bh < end; ++bh) {
       const int64_t b = bh / H, h = bh % H;
@@ -267,10 +258,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             const int64_t visible = visible_keys(is_causal, i, j0, bk);
             exp_row(pr, visible, lse_h[i]);  // P, 0 where masked
             const vfloat dl = simd::splat(delta[i]);
-            if (drop.on) {
+            if (dropout) {
               float* wr = w.data() + r * kTileK;
               const uint64_t base = static_cast<uint64_t>((bh * Tq + i) * Tk + j0);
-              simd::dropout_factors(z.data(), visible, drop.seed, base, drop.p, drop.keep_scale);
+              simd::dropout_factors(z.data(), visible, drop_seed, base, drop.p, drop.keep_scale);
               for (int64_t j = 0; j < kTileK; j += kWidth) {
                 const vfloat pv = simd::load(pr + j), zv = simd::load(z.data() + j);
                 simd::store(wr + j, pv * zv);
@@ -281,7 +272,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
                 simd::store(dsr + j, simd::load(pr + j) * (simd::load(dsr + j) - dl));
             }
           }
-          const float* wts = drop.on ? w.data() : p.data();
+          const float* wts = dropout ? w.data() : p.data();
           gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);      // dV += W^T dO
           gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);   // dK += dS^T Q
           kv_beta = 1.f;

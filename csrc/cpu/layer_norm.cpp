@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "../checks.h"
+#include "../host_utils.h"
 #include "buffer_pool.h"
 #include "simd.h"
 
@@ -134,11 +135,6 @@ void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w
   });
 }
 
-// The unit-stride 2-D float view the kernels read: rows may be strided, columns must be contiguous.
-at::Tensor rows_with_unit_columns(const at::Tensor& t) {
-  return t.stride(1) == 1 && t.stride(0) >= 0 ? t : t.contiguous();
-}
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x_in,
                                                                   const std::optional<at::Tensor>& weight,
                                                                   const std::optional<at::Tensor>& bias,
@@ -147,7 +143,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tens
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "chargpt::layer_norm_fwd on CPU supports float32, got ",
               x_in.scalar_type());
   // Strided columns (a slice like x[..., ::2]) are copied once: the vector loads need unit stride.
-  const at::Tensor x = rows_with_unit_columns(x_in);
+  const at::Tensor x = unit_last_dim(x_in);
   const int64_t m = x.size(0), n = x.size(1);
   at::Tensor y = pooled_empty({m, n});
   at::Tensor mean = at::empty({m}, x.options().dtype(at::kFloat));
@@ -244,7 +240,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   check_layer_norm_bwd_args(grad_out_in, x_in, weight, mean_in, rstd_in);
   TORCH_CHECK(x_in.scalar_type() == at::kFloat, "chargpt::layer_norm_bwd on CPU supports float32, got ",
               x_in.scalar_type());
-  const at::Tensor x = rows_with_unit_columns(x_in), g = rows_with_unit_columns(grad_out_in);
+  const at::Tensor x = unit_last_dim(x_in), g = unit_last_dim(grad_out_in);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t m = x.size(0), n = x.size(1);
   at::Tensor dx = pooled_empty({m, n});

@@ -11,6 +11,7 @@
 #include <torch/library.h>
 
 #include "../checks.h"
+#include "../host_utils.h"
 #include "common.cuh"
 
 namespace chargpt {
@@ -174,15 +175,13 @@ bool can_vectorize(const void* ptr, int64_t row_stride, int64_t n) {
   return reinterpret_cast<uintptr_t>(ptr) % 16 == 0 && row_stride % vec == 0 && n % vec == 0;
 }
 
-at::Tensor unit_columns(const at::Tensor& t) { return t.stride(1) == 1 && t.stride(0) >= 0 ? t : t.contiguous(); }
-
 std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cuda(const at::Tensor& x_in,
                                                                    const std::optional<at::Tensor>& weight,
                                                                    const std::optional<at::Tensor>& bias,
                                                                    double eps) {
   check_layer_norm_fwd_args(x_in, weight, bias, eps);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = unit_columns(x_in);
+  const at::Tensor x = unit_last_dim(x_in);
   const int64_t m = x.size(0), n = x.size(1);
   at::Tensor y = at::empty({m, n}, x.options());
   at::Tensor mean = at::empty({m}, x.options().dtype(at::kFloat));
@@ -218,7 +217,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cuda(const at::Ten
                                                                    const at::Tensor& rstd_in) {
   check_layer_norm_bwd_args(grad_out_in, x_in, weight, mean_in, rstd_in);
   const c10::cuda::CUDAGuard guard(x_in.device());
-  const at::Tensor x = unit_columns(x_in), g = unit_columns(grad_out_in);
+  const at::Tensor x = unit_last_dim(x_in), g = unit_last_dim(grad_out_in);
   const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t m = x.size(0), n = x.size(1);
   at::Tensor dx = at::empty({m, n}, x.options());

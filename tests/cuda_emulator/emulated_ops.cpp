@@ -11,7 +11,10 @@
 #define TORCH_LIBRARY_IMPL(ns, key, m) \
   [[maybe_unused]] static void CHARGPT_EMULATOR_CAT(unregistered_, __COUNTER__)(torch::Library & m)
 
+// Every .cu file of csrc/cuda (tests/test_cuda_emulated.py checks that none is missing).
 #include "../../csrc/cuda/attention_cuda.cu"
+#include "../../csrc/cuda/attention_simt_cuda.cu"
+#include "../../csrc/cuda/attention_tc_cuda.cu"
 #include "../../csrc/cuda/layer_norm_cuda.cu"
 
 TORCH_LIBRARY(chargpt_emulated, m) {
