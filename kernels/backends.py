@@ -10,7 +10,8 @@ A backend maps op names to modules. Every module named for an op exposes a funct
                                         q: (B, Hq, Tq, D); k, v: (B, Hk, Tk, D), Hk == Hq unless the module fuses
                                         "gqa" (Hq a multiple of Hk); attn_mask: None unless it fuses "mask", else a
                                         bool (True = take part) or float (added) (B, Hq, Tq, Tk) view, often stride 0
-    SUPPORTED_FEATURES = {"attention": ("mask", "gqa")}   # optional: what a module fuses beyond the plain op
+    SUPPORTED_FEATURES = {"cpu": ("mask", "gqa"), "cuda": (...)}   # optional: what the attention module fuses
+                                                                   # beyond the plain op, per device type
 
 Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
 Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
@@ -130,7 +131,7 @@ def _missing(name, op, device_type, dtype, needs):
         return f"has no {op} kernel"
     if dtype not in module.SUPPORTED_DTYPES.get(device_type, ()):
         return f"does not support {dtype} tensors on {device_type}"
-    lacking = sorted(set(needs) - set(getattr(module, "SUPPORTED_FEATURES", {}).get(op, ())))
+    lacking = sorted(set(needs) - set(getattr(module, "SUPPORTED_FEATURES", {}).get(device_type, ())))
     if lacking:
         return f"does not fuse {op} with {' or '.join(lacking)}"
     return None
