@@ -12,7 +12,8 @@ from kernels.backends import unavailable_reason
 from kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None, reason=f"triton: {unavailable_reason('triton')}")
+pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
+                                reason=f"triton backend: {unavailable_reason('triton')}")
 
 
 def _grads(fn, inputs, grad=None):
@@ -93,3 +94,55 @@ def test_attention_op_returns_contiguous_tensors(layout):
     dq, dk, dv = triton_attention.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, True, 0.0, 0.3)
     for what, t, like in [("out", out, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)]:
         assert t.shape == like.shape and t.is_contiguous(), f"{what}: {tuple(t.shape)} strides {t.stride()}"
+
+
+# --- Attention: NaN and inf propagate like torch's -----------------------------------------------------------------
+
+def _visible_only(q, k, v, is_causal, scale):
+    """Attention with each query row computed over exactly the keys it sees (F.sdpa per row, no mask): NaN lands
+    only where the maths puts it, never through a 0 * NaN on a masked entry."""
+    import torch.nn.functional as F
+
+    if not is_causal:
+        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+    rows = [F.scaled_dot_product_attention(q[..., i:i + 1, :], k[..., :i + 1, :], v[..., :i + 1, :], scale=scale)
+            for i in range(q.shape[-2])]
+    return torch.cat(rows, dim=-2)
+
+
+NON_FINITE = [("q", "nan"), ("q", "inf"), ("q", "-inf"), ("k", "nan"), ("k", "inf"), ("k", "-inf"), ("v", "nan"),
+              ("v", "inf")]
+
+
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("which,value", NON_FINITE, ids=[f"{w}-{v}" for w, v in NON_FINITE])
+def test_attention_non_finite_inputs_propagate_like_torch(which, value, is_causal):
+    """One non-finite element in q, k or v: output and gradients NaN where torch's (float64) are, never less than
+    the maths demands, the same values elsewhere. Causal: torch's math also spreads NaN through the 0 weights of
+    masked entries; a tiled kernel does that only inside the tiles it visits, so there torch's NaN set bounds ours
+    from above and the per-row computation from below (equal for full attention)."""
+    import torch.nn.functional as F
+
+    from kernels import triton_attention
+
+    b, h, t, d, scale = 1, 2, 70, 8, 0.35  # 70 rows: several query and key tiles in every kernel
+    gen = torch.Generator().manual_seed(5)
+    inputs = [torch.randn(b, h, t, d, generator=gen) for _ in range(3)]
+    inputs["qkv".index(which)][0, 1, 45, 3] = float(value)
+    got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, is_causal, 0.0, scale),
+                       [x.to(DEVICE) for x in inputs])
+    inputs64 = [x.double() for x in inputs]
+    exact, _ = _grads(lambda q, k, v: _visible_only(q, k, v, is_causal, scale), inputs64, grad.double().cpu())
+    torch_, _ = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale),
+                       inputs64, grad.double().cpu())
+    ref, _ = _grads(lambda q, k, v: reference.attention(q, k, v, is_causal, 0.0, scale), inputs64, grad.double().cpu())
+    for what, a, lower, upper, r in zip(("out", "dq", "dk", "dv"), got, exact, torch_, ref):
+        nan = a.cpu().isnan()
+        assert not (lower.isnan() & ~nan).any(), f"{what}: NaN lost ({int((lower.isnan() & ~nan).sum())} entries)"
+        extra = nan & ~upper.isnan()
+        assert not extra.any(), f"{what}: NaN where torch has none ({int(extra.sum())} entries)"
+        if not is_causal:
+            assert torch.equal(nan, upper.isnan()) and torch.equal(nan, r.isnan()), f"{what}: NaN mask"
+        finite = lower[~nan].abs()
+        tol = 2e-5 * max(1.0, finite[finite.isfinite()].max().item()) if finite.isfinite().any() else 2e-5
+        assert torch.isclose(a.cpu()[~nan].double(), lower[~nan], rtol=2e-5, atol=tol).all(), f"{what}: values"
