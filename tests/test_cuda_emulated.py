@@ -134,3 +134,52 @@ def test_emulator_includes_every_cuda_source():
     text = (EMULATOR / "emulated_ops.cpp").read_text()
     missing = [Path(p).name for p in ext_build.cuda_sources() if f'"../../csrc/cuda/{Path(p).name}"' not in text]
     assert not missing, f"tests/cuda_emulator/emulated_ops.cpp does not include {missing}"
+
+
+# Special values (issue "Correctness"): the kinds and dtypes that run different softmax code, at a shape past a
+# tensor-core key tile (32) and backward step (16).
+SPECIAL_KINDS = [pytest.param(torch.float32, "simt", id="fp32-simt"),
+                 pytest.param(torch.float16, "tensor-core", id="fp16-tensor-core"),
+                 pytest.param(torch.bfloat16, "tensor-core", id="bf16-tensor-core")]
+
+
+def _special_inputs(dtype, seed):
+    gen = torch.Generator().manual_seed(seed)
+    q, k, v, g = torch.randn(4, 1, 2, 40, 32, generator=gen).unbind(0)
+    return q, k, v, g
+
+
+def _emulated_with_grads(ops, q, k, v, g, causal, scale):
+    out, lse = ops.attention_fwd(q, k, v, causal, 0.0, scale, None)
+    return [out, *ops.attention_bwd(g, q, k, v, out, lse, causal, 0.0, scale, None)]
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("poison", ["nan-k", "nan-k0", "inf-q"])
+@pytest.mark.parametrize("dtype,kind", SPECIAL_KINDS)
+def test_attention_propagates_nan_and_inf(ops, dtype, kind, poison, causal):
+    """NaN in, NaN out, with the NaN pattern between the exact function's and the float64 reference's (see
+    tests/test_ext_fixes.py): a NaN key or an infinite query must not leave finite rows behind."""
+    from test_ext_fixes import assert_nan_sandwich, exact_attention
+
+    ops.configure(8 if kind == "tensor-core" else 7, causal)
+    q, k, v, g = _special_inputs(dtype, 11)
+    if poison == "nan-k":
+        k[0, 1, 20, 3] = float("nan")
+    elif poison == "nan-k0":  # causal row 0 sees only this key: its max over the tile must not drop the NaN
+        k[0, 1, 0, 3] = float("nan")
+    else:
+        q[0, 0, 10, 2] = float("inf")
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    scale = 32 ** -0.5
+    got = _emulated_with_grads(ops, q, k, v, g, causal, scale)
+    as64 = [t.double().requires_grad_() for t in (q, k, v)]
+    dense = reference.attention(*as64, causal, scale=scale)
+    dense = [dense.detach(), *torch.autograd.grad(dense, as64, g.double())]
+    as64 = [t.detach().clone().requires_grad_() for t in as64]
+    exact = exact_attention(*as64, causal, scale)
+    exact = [exact.detach(), *torch.autograd.grad(exact, as64, g.double())]
+    assert got[0].isnan().any(), "the poisoned input reached no output"
+    for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), got, exact, dense):
+        assert_nan_sandwich(a, lo, hi, dtype, f"emulated CUDA {kind} attention {name}")
+

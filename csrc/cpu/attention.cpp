@@ -99,10 +99,11 @@ inline int64_t visible_keys(bool causal, int64_t i, int64_t j0, int64_t bk) {
   return causal ? std::clamp<int64_t>(i - j0 + 1, 0, bk) : bk;
 }
 
-// A score row (padded to kTileK) becomes exp(s - shift) over its first `visible` entries and exactly 0 after.
+// A score row (padded to kTileK) becomes exp(s - shift) over its first `visible` entries and exactly 0 after, even
+// when shift is NaN (a NaN row): masked entries take no part, as in the CUDA kernels.
 inline void exp_row(float* s, int64_t visible, float shift) {
-  for (int64_t j = visible; j < kTileK; ++j) s[j] = -std::numeric_limits<float>::infinity();
   for (int64_t j = 0; j < kTileK; j += kWidth) simd::store(s + j, simd::exp(simd::load(s + j) - shift));
+  std::fill(s + visible, s + kTileK, 0.f);
 }
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -151,7 +152,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
           for (int64_t j = visible; j < kTileK; ++j) sr[j] = -std::numeric_limits<float>::infinity();
           vfloat vmax = simd::load(sr);
           for (int64_t j = kWidth; j < kTileK; j += kWidth) vmax = simd::vmax(vmax, simd::load(sr + j));
-          const float m_new = std::max(m[r], simd::reduce_max(vmax));
+          const float m_new = simd::max_keep_nan(m[r], simd::reduce_max(vmax));  // NaN scores make the row NaN
           const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
           vfloat sum = simd::splat(0.f);
           for (int64_t j = 0; j < kTileK; j += kWidth) {
@@ -271,6 +272,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               for (int64_t j = 0; j < kTileK; j += kWidth)
                 simd::store(dsr + j, simd::load(pr + j) * (simd::load(dsr + j) - dl));
             }
+            // Masked entries: dS = 0 exactly, also when delta is NaN (0 * NaN above).
+            if (visible < bk) std::fill(dsr + visible, dsr + bk, 0.f);
           }
           const float* wts = dropout ? w.data() : p.data();
           gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);      // dV += W^T dO

@@ -72,7 +72,13 @@ inline vfloat fma(vfloat a, vfloat b, vfloat c) {
   return out;
 #endif
 }
-inline vfloat vmax(vfloat a, vfloat b) { return a > b ? a : b; }
+// max(a, b) that keeps a NaN of either side (a > b ? a : b alone drops a NaN in a), so one NaN score makes its
+// softmax row NaN, as in torch. For floats and vectors alike.
+template <typename V>
+inline V max_keep_nan(V a, V b) {
+  return (a > b) | (a != a) ? a : b;
+}
+inline vfloat vmax(vfloat a, vfloat b) { return max_keep_nan(a, b); }
 
 // Tree reductions (halves, then quarters, ...): a fixed order, and log2(16) dependent steps instead of 16.
 typedef float vfloat8 __attribute__((vector_size(32)));
@@ -81,10 +87,10 @@ inline vfloat4 fold_to_4(vfloat v, bool take_max) {
   // Register shuffles (vextractf): going through memory instead costs a store-forwarding stall per reduction.
   const vfloat8 lo8 = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
   const vfloat8 hi8 = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const vfloat8 v8 = take_max ? (lo8 > hi8 ? lo8 : hi8) : lo8 + hi8;
+  const vfloat8 v8 = take_max ? max_keep_nan(lo8, hi8) : lo8 + hi8;
   const vfloat4 lo4 = __builtin_shufflevector(v8, v8, 0, 1, 2, 3);
   const vfloat4 hi4 = __builtin_shufflevector(v8, v8, 4, 5, 6, 7);
-  return take_max ? (lo4 > hi4 ? lo4 : hi4) : lo4 + hi4;
+  return take_max ? max_keep_nan(lo4, hi4) : lo4 + hi4;
 }
 inline float reduce_add(vfloat v) {
   const vfloat4 v4 = fold_to_4(v, false);
@@ -92,14 +98,16 @@ inline float reduce_add(vfloat v) {
 }
 inline float reduce_max(vfloat v) {
   const vfloat4 v4 = fold_to_4(v, true);
-  const float a = v4[0] > v4[2] ? v4[0] : v4[2], b = v4[1] > v4[3] ? v4[1] : v4[3];
-  return a > b ? a : b;
+  return max_keep_nan(max_keep_nan(v4[0], v4[2]), max_keep_nan(v4[1], v4[3]));
 }
 
-// exp(x) to ~2 ulp (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n through the exponent bits);
-// exactly 0 below -87 so masked (-inf) scores vanish.
+// exp(x) to ~2 ulp (Cephes expf: x = n ln2 + r, a degree-6 polynomial in r, 2^n through the exponent bits, applied
+// as 2^(n/2) 2^(n - n/2) so that n = 128 overflows to inf instead of wrapping the exponent). Exactly 0 below -87, so
+// masked (-inf) scores vanish; inf above ln(FLT_MAX) ~ 88.72 and for +inf; NaN for NaN (clamping alone would turn a
+// NaN score into a finite weight).
 inline vfloat exp(vfloat x) {
-  const vfloat xc = vmax(x, splat(-87.f)) < splat(88.f) ? vmax(x, splat(-87.f)) : splat(88.f);
+  const vfloat lo = x > -87.f ? x : splat(-87.f);  // NaN goes to -87 here; it is put back at the end
+  const vfloat xc = lo < 89.f ? lo : splat(89.f);
   const vfloat fx = xc * 1.44269504088896341f;
   const vint n = __builtin_convertvector(fx + (fx >= 0.f ? splat(0.5f) : splat(-0.5f)), vint);
   const vfloat nf = __builtin_convertvector(n, vfloat);
@@ -112,10 +120,13 @@ inline vfloat exp(vfloat x) {
   y = y * r + 1.6666665459e-1f;
   y = y * r + 5.0000001201e-1f;
   y = y * r * r + r + 1.f;
-  const vint bits = (n + 127) << 23;
-  vfloat pow2;
-  std::memcpy(&pow2, &bits, sizeof pow2);
-  return x < -87.f ? splat(0.f) : y * pow2;
+  const vint n_half = n >> 1;  // both factors stay normal for n in [-126, 128]: the product is y * 2^n exactly
+  const vint bits_a = (n_half + 127) << 23, bits_b = (n - n_half + 127) << 23;
+  vfloat pow2_a, pow2_b;
+  std::memcpy(&pow2_a, &bits_a, sizeof pow2_a);
+  std::memcpy(&pow2_b, &bits_b, sizeof pow2_b);
+  const vfloat e = x < -87.f ? splat(0.f) : y * pow2_a * pow2_b;
+  return x != x ? x : e;
 }
 
 // philox_uniform (philox.h) for the 16 offsets base .. base + 15, all lanes at once.

@@ -1,0 +1,96 @@
+"""Regressions for the `ext` backend's correctness fixes (issue "Correctness"), on the CPU kernels; the CUDA kernels
+get the same cases in tests/test_cuda_emulated.py. Each test here failed before its fix.
+
+NaN patterns in causal attention are compared as a sandwich. The float64 reference multiplies every masked weight
+by its key (0 * NaN = NaN), so its NaNs also reach entries the masked keys cannot affect; a tiled kernel that skips
+the tiles past the diagonal cannot (and should not) reproduce those. So the kernel's NaNs must include every NaN of
+the exact function (each query over just the keys it sees) and lie within the reference's; without a mask the two
+bounds are the same pattern.
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+from conftest import assert_close, require_backend
+
+ext_attention = None
+
+
+@pytest.fixture(scope="module", autouse=True)
+def ext():
+    require_backend("ext", "cpu")
+    global ext_attention
+    from kernels import ext_attention
+
+
+def _grads(fn, inputs, grad_out):
+    inputs = [t.detach().clone().requires_grad_() for t in inputs]
+    out = fn(*inputs)
+    return [out.detach(), *torch.autograd.grad(out, inputs, grad_out.to(out.dtype))]
+
+
+def exact_attention(q, k, v, causal, scale):
+    """softmax(q k^T) v with each causal query row over only the keys it sees: no masked entry exists at all."""
+    if not causal:
+        return reference.attention(q, k, v, False, scale=scale)
+    rows = [reference.attention(q[..., i:i + 1, :], k[..., :i + 1, :], v[..., :i + 1, :], False, scale=scale)
+            for i in range(q.shape[-2])]
+    return torch.cat(rows, dim=-2)
+
+
+def assert_nan_sandwich(got, exact, dense, dtype, what):
+    g, lo, hi = got.isnan(), exact.isnan(), dense.isnan()
+    assert not (lo & ~g).any(), f"{what}: {(lo & ~g).sum().item()} entries are finite where the math gives NaN"
+    assert not (g & ~hi).any(), f"{what}: {(g & ~hi).sum().item()} NaNs where the float64 reference has none"
+    both = ~g & ~hi
+    assert_close(got[both], dense[both], dtype, what)
+
+
+def _nan_in_k(q, k, v):
+    k[0, 0, 35, 3] = float("nan")
+
+
+def _nan_in_k0(q, k, v):  # causal row 0 sees only this key
+    k[0, 0, 0, 3] = float("nan")
+
+
+def _inf_in_q(q, k, v):
+    q[0, 0, 10, 2] = float("inf")
+
+
+def _nan_in_q(q, k, v):
+    q[0, 0, 50, 1] = float("nan")
+
+
+def _nan_in_v(q, k, v):
+    v[0, 0, 65, 3] = float("nan")
+
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("poison", [_nan_in_k, _nan_in_k0, _inf_in_q, _nan_in_q, _nan_in_v],
+                         ids=["nan-k", "nan-k0", "inf-q", "nan-q", "nan-v"])
+def test_attention_propagates_nan_and_inf(poison, causal):
+    """NaN in, NaN out: a NaN key or an infinite query used to give finite rows, and never reached dV (a vector max
+    that dropped NaN, and an exp that clamped its argument)."""
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = torch.randn(3, 1, 1, 70, 16, generator=gen).unbind(0)
+    poison(q, k, v)
+    grad_out = torch.randn(1, 1, 70, 16, generator=gen)
+    scale = 16 ** -0.5
+    got = _grads(lambda a, b, c: ext_attention.attention(a, b, c, causal, 0.0, scale), (q, k, v), grad_out)
+    as64 = [t.double() for t in (q, k, v)]
+    dense = _grads(lambda a, b, c: reference.attention(a, b, c, causal, scale=scale), as64, grad_out)
+    exact = _grads(lambda a, b, c: exact_attention(a, b, c, causal, scale), as64, grad_out)
+    assert got[0].isnan().any(), "the poisoned input reached no output"
+    for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), got, exact, dense):
+        assert_nan_sandwich(a, lo, hi, torch.float32, f"ext attention {name}")
+
