@@ -14,6 +14,9 @@ from kernels import backends
 
 KERNEL_CHOICES = backends.CHOICES  # eager, triton, ext, auto
 _CHOICE_ERRORS = (ValueError, TypeError, backends.BackendUnavailable)
+# Ops a model calls only where a fused kernel runs them, taking its plain path elsewhere (chargpt.model: add_norm,
+# else the residual add and layer_norm): a backend without one is no error, and by_op lists one only where it runs.
+OPTIONAL_OPS = ("add_norm",)
 
 
 @dataclass(frozen=True)
@@ -34,7 +37,8 @@ def _dtype_name(dtype):
 
 def choose_kernels(requested, device_type, op_dtypes, require_fused=False):
     """The KernelChoice for a run asking for backend `requested` (eager, triton, ext, auto) on `device_type`, whose
-    model feeds each op the dtype in `op_dtypes` ({op: dtype}, see chargpt.model.kernel_dtypes).
+    model feeds each op the dtype in `op_dtypes` ({op: dtype}, see chargpt.model.kernel_dtypes). An op of
+    OPTIONAL_OPS is in by_op only where a fused kernel runs it.
 
     A backend named explicitly must take every op at its dtype, else ChargptError says which does not. `auto` gives
     each op the fused backend when it takes the op's dtype, else eager, and says so in `note`; the model is then
@@ -53,6 +57,14 @@ def choose_kernels(requested, device_type, op_dtypes, require_fused=False):
                            f"use --kernels eager")
     by_op = {}
     for op, dtype in op_dtypes.items():
+        if op in OPTIONAL_OPS:
+            try:
+                backend = backends.backend_for(requested, op, device_type, dtype)
+            except TypeError:  # this backend has no such kernel for these tensors: the model's plain path
+                continue
+            if backend != "eager":
+                by_op[op] = backend
+            continue
         try:
             by_op[op] = backends.backend_for(requested, op, device_type, dtype)
         except _CHOICE_ERRORS as e:

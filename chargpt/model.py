@@ -3,8 +3,10 @@
 The GPT is nanoGPT's: pre-LN blocks, learned positions, weight tying, GPT-2 init, optional biases. Its two hot
 ops go through the `kernels` seam: attention via `kernels.causal_attention` (or `kernels.scaled_dot_product_attention`
 when decoding one token against a KV cache) and LayerNorm via `kernels.LayerNorm`, on the backend named by
-`ModelConfig.kernels`. ARCH: besides chargpt/kernel_choice.py (the run-level backend choice), this is the
-only chargpt file that touches `kernels`.
+`ModelConfig.kernels`. Where that backend has a fused add_norm kernel, each residual add (with its dropout) and the
+norm after it run as one `kernels.add_norm` (GPT._trunk_add_norm): same parameters, same arithmetic.
+ARCH: besides chargpt/kernel_choice.py (the run-level backend choice), this is the only chargpt file that touches
+`kernels`.
 """
 
 import math
@@ -16,6 +18,7 @@ import torch.nn.functional as F
 
 import kernels
 from chargpt import ChargptError
+from kernels import backends
 
 
 @dataclass
@@ -47,10 +50,11 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, past_kv=None):
+    def forward(self, x, past_kv=None, resid_dropout=True):
         """Attention over x (B, T, C); with `past_kv` (the cached keys and values), x is the next single token.
 
-        Returns the output and this layer's (k, v) for the cache.
+        Returns the output and this layer's (k, v) for the cache. resid_dropout=False leaves the output's dropout
+        to the kernels.add_norm that adds it to the residual stream.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
@@ -64,8 +68,8 @@ class CausalSelfAttention(nn.Module):
             # Every cached key lies in the new token's past, so no causal mask: (Tq=1) x (Tk=cached+1).
             # The backend comes from the kernels.use_backend block that GPT.generate opens.
             y = kernels.scaled_dot_product_attention(q, k, v, is_causal=False)
-        y = y.transpose(1, 2).contiguous().view(B, T, C)
-        return self.resid_dropout(self.c_proj(y)), (k, v)
+        y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
+        return self.resid_dropout(y) if resid_dropout else y, (k, v)
 
 
 class MLP(nn.Module):
@@ -76,8 +80,9 @@ class MLP(nn.Module):
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x):
-        return self.dropout(self.c_proj(F.gelu(self.c_fc(x))))
+    def forward(self, x, resid_dropout=True):
+        y = self.c_proj(F.gelu(self.c_fc(x)))
+        return self.dropout(y) if resid_dropout else y
 
 
 class LayerNorm(kernels.LayerNorm):
@@ -97,17 +102,51 @@ def layer_norm(config):
     return LayerNorm(config.n_embd, bias=config.bias, backend=config.kernels)
 
 
+def fuses_residual_norms(config):
+    """Whether a GPT of `config` can fold its residual adds into kernels.add_norm: pre-LN blocks with residual
+    paths and an MLP, where every residual add is followed by a norm. The seed ladder's other rungs cannot."""
+    return config.residual and config.layernorm and config.mlp
+
+
+@torch.compiler.assume_constant_result  # decided once while torch.compile traces, like the seam's own choice
+def has_fused_add_norm(backend, device_type, dtype):
+    """Whether `backend` runs add_norm on `dtype` tensors of `device_type` with a fused kernel. Only then does the
+    model take the add_norm path: eager's add_norm is the same composed ops as the plain path, and a backend named
+    explicitly that has no add_norm kernel (yet) still runs its attention and layer_norm kernels."""
+    key = backend, device_type, dtype
+    if key not in _fused_add_norm:  # asking the seam costs ~10-30 us, a raise included: once per kind of tensor
+        try:
+            _fused_add_norm[key] = backends.backend_for(backend, "add_norm", device_type, dtype) != "eager"
+        except TypeError:  # the backend runs here but has no add_norm kernel for these tensors
+            _fused_add_norm[key] = False
+    return _fused_add_norm[key]
+
+
+_fused_add_norm = {}  # (backend, device type, dtype) -> has_fused_add_norm's answer
+
+
 def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
     """The dtype each kernels op gets in a model of `config` computing in `compute_dtype` (autocast's dtype, or the
     parameters' when there is no autocast): {op: dtype} for the ops the model uses, so that a run can check before
     its first step that its backend takes them. Attention gets q, k, v from a Linear, so autocast's dtype;
-    LayerNorm normalizes in its parameters' dtype (see LayerNorm). The bigram model uses no kernels op."""
+    LayerNorm normalizes in its parameters' dtype (see LayerNorm), and add_norm adds in the residual stream's
+    (the embeddings', the parameters' dtype). add_norm is used only where a fused kernel takes it (see
+    has_fused_add_norm; kernel_choice.OPTIONAL_OPS). The bigram model uses no kernels op."""
     if config.arch != "gpt":
         return {}
     dtypes = {"attention": compute_dtype}
     if config.layernorm:
         dtypes["layer_norm"] = param_dtype
+    if fuses_residual_norms(config):
+        dtypes["add_norm"] = param_dtype
     return dtypes
+
+
+def add_norm(x, residual, norm, dropout_p):
+    """(norm(h), h) for h = residual + dropout(x) in one kernels call, `norm` being a LayerNorm module. x, a
+    sublayer's output (autocast's dtype), is added in the residual stream's dtype, as `residual + x` would."""
+    return kernels.add_norm(x.to(residual.dtype), residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
+                            dropout_p=dropout_p, backend=norm.backend)
 
 
 class Block(nn.Module):
@@ -128,6 +167,15 @@ class Block(nn.Module):
             m = self.mlp(self.ln_2(x))
             x = x + m if self.residual else m
         return x, kv
+
+    def forward_add_norm(self, y, x, next_norm, dropout_p, past_kv=None):
+        """forward's arithmetic with each residual add fused with the norm after it: takes y = ln_1(x) along with
+        x, and returns (next_norm(x'), x', kv) for the block's output x' (next_norm: the next block's ln_1, or ln_f).
+        """
+        a, kv = self.attn(y, past_kv, resid_dropout=False)
+        y, x = add_norm(a, x, self.ln_2, dropout_p)
+        y, x = add_norm(self.mlp(y, resid_dropout=False), x, next_norm, dropout_p)
+        return y, x, kv
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -154,6 +202,9 @@ class GPT(nn.Module):
         self.ln_f = layer_norm(config)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds characters
+        # The trunk takes the add_norm path (None) where the backend has a fused add_norm kernel for the residual
+        # stream's tensors; True or False forces the add_norm path or the plain one (tests compare the two).
+        self.use_add_norm = None
         self.apply(self._init_weights)
         if config.residual:
             # GPT-2: the projections that write into the residual stream shrink with depth, so that the sum of
@@ -194,11 +245,35 @@ class GPT(nn.Module):
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
+        if self._takes_add_norm(x):
+            return self._trunk_add_norm(x, past_kv)
         present = []
         for i, block in enumerate(self.blocks):
             x, kv = block(x, None if past_kv is None else past_kv[i])
             present.append(kv)
         return self.ln_f(x), present
+
+    def _takes_add_norm(self, x):
+        if not fuses_residual_norms(self.config):
+            return False
+        if self.use_add_norm is not None:
+            return self.use_add_norm
+        return has_fused_add_norm(self.config.kernels, x.device.type, x.dtype)
+
+    def _trunk_add_norm(self, x, past_kv=None):
+        """_trunk's blocks on a fused backend: each residual add, its dropout and the next norm in one add_norm.
+
+        The norm of each block's output is the next block's ln_1 (ln_f after the last), so it is computed where
+        the add is, and handed on with the residual stream x.
+        """
+        dropout_p = self.config.dropout if self.training else 0.0
+        next_norms = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]
+        y = self.blocks[0].ln_1(x)
+        present = []
+        for i, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
+            y, x, kv = block.forward_add_norm(y, x, next_norm, dropout_p, None if past_kv is None else past_kv[i])
+            present.append(kv)
+        return y, present
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):

@@ -10,7 +10,7 @@ import torch
 import kernels
 from chargpt import ChargptError
 from chargpt.kernel_choice import choose_kernels
-from chargpt.model import GPT, ModelConfig, build_model, kernel_dtypes
+from chargpt.model import GPT, ModelConfig, build_model, has_fused_add_norm, kernel_dtypes
 from chargpt.presets import PRESETS, get_preset
 from kernels import backends
 
@@ -185,12 +185,27 @@ def test_a_named_backend_that_does_not_take_the_dtype_is_an_error():
         choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float16}, require_fused=True)
 
 
+@pytest.mark.parametrize("requested", ["eager", "ext", "auto"])
+def test_add_norm_is_optional_in_the_choice(requested):
+    """A backend without an add_norm kernel is no error (the model takes its plain path), and by_op lists add_norm
+    exactly where the model will call it."""
+    if requested == "ext":
+        require_ext()
+    choice = choose_kernels(requested, "cpu", {**F32, "add_norm": torch.float32})
+    assert set(choice.by_op) - {"add_norm"} == {"attention", "layer_norm"}
+    assert ("add_norm" in choice.by_op) == has_fused_add_norm(requested, "cpu", torch.float32)
+    if requested == "eager":
+        assert "add_norm" not in choice.by_op
+
+
+@pytest.mark.parametrize("use_add_norm", [None, True], ids=["add_norm-by-backend", "add_norm-forced"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
 @pytest.mark.parametrize("switches", [{}, {"residual": False}, {"layernorm": False}, {"arch": "bigram"}],
                          ids=["gpt", "no-residual", "no-layernorm", "bigram"])
-def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches):
+def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches, use_add_norm):
     """kernel_dtypes, which a run checks its backend against, matches the dtypes that reach the kernels seam in
-    training and in generation under autocast (the LayerNorm of a model without residual paths included)."""
+    training and in generation under autocast (the LayerNorm of a model without residual paths included). add_norm,
+    optional, reaches it where choose_kernels lists it (a fused kernel takes it), or when the model is made to."""
     seen = {}
     implementation = backends.implementation
 
@@ -199,8 +214,10 @@ def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches):
         return implementation(name, op, tensor, *args, **kwargs)
 
     monkeypatch.setattr(backends, "implementation", recording)
-    config = replace(TINY, dropout=0.1, **switches)
+    config = replace(TINY, dropout=0.1, kernels="auto", **switches)
     model = build_model(config)
+    if use_add_norm is not None:
+        model.use_add_norm = use_add_norm
     x, y = random_batch(config)
     autocast = torch.autocast("cpu", dtype=dtype, enabled=dtype != torch.float32)
     with autocast:
@@ -208,4 +225,7 @@ def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches):
     loss.backward()
     with autocast:
         model.generate(x[:1, :2], 3)
-    assert seen == {op: {dtype} for op, dtype in kernel_dtypes(config, dtype).items()}
+    expected = kernel_dtypes(config, dtype)
+    if "add_norm" in expected and not use_add_norm and "add_norm" not in choose_kernels("auto", "cpu", expected).by_op:
+        del expected["add_norm"]
+    assert seen == {op: {dtype} for op, dtype in expected.items()}
