@@ -22,7 +22,8 @@ TORCH_LIBRARY(chargpt, m) {
   // dx, dweight, dbias (dweight/dbias are always returned; the caller drops what it does not need).
   m.def("layer_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor mean, Tensor rstd)"
         " -> (Tensor, Tensor, Tensor)");
-  // out (B, H, Tq, D) and log-sum-exp (B, H, Tq) in fp32; seed is a 1-element int64 tensor when dropout_p > 0.
+  // out (B, H, Tq, D) and log-sum-exp (B, H, Tq) in fp32 (+inf for a row whose scores are all -inf: its out is 0);
+  // seed is a 1-element int64 tensor when dropout_p > 0.
   m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float dropout_p, float scale, Tensor? seed)"
         " -> (Tensor, Tensor)");
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool is_causal,"

@@ -183,3 +183,25 @@ def test_attention_propagates_nan_and_inf(ops, dtype, kind, poison, causal):
     for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), got, exact, dense):
         assert_nan_sandwich(a, lo, hi, dtype, f"emulated CUDA {kind} attention {name}")
 
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+@pytest.mark.parametrize("dtype,kind", SPECIAL_KINDS)
+def test_attention_fully_masked_row_gives_zero(ops, dtype, kind, causal):
+    """A query row whose scores are all -inf gives output 0 and dq 0, as torch's SDPA does (not NaN); the row is
+    the last one, so causal masking hides none of its keys (see tests/test_ext_fixes.py)."""
+    import torch.nn.functional as F
+
+    ops.configure(8 if kind == "tensor-core" else 7, not causal)
+    q, k, v, g = _special_inputs(dtype, 12)
+    k[..., 0] = k[..., 0].abs() + 0.1
+    q[0, 1, -1, 0] = float("-inf")
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    got = _emulated_with_grads(ops, q, k, v, g, causal, 0.25)
+    as64 = [t.double().requires_grad_() for t in (q, k, v)]
+    want = F.scaled_dot_product_attention(*as64, is_causal=causal, scale=0.25)
+    want = [want.detach(), *torch.autograd.grad(want, as64, g.double())]
+    zeros = torch.zeros(32, dtype=dtype)
+    assert torch.equal(got[0][0, 1, -1], zeros) and torch.equal(got[1][0, 1, -1], zeros)
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a.isnan(), w.isnan()), f"{name}: NaN pattern differs from torch's SDPA"
+        assert_close(a.double().nan_to_num(), w.nan_to_num(), dtype, f"emulated CUDA {kind}, fully masked {name}")

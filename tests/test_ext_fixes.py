@@ -94,3 +94,22 @@ def test_attention_propagates_nan_and_inf(poison, causal):
     for name, a, lo, hi in zip(("out", "dq", "dk", "dv"), got, exact, dense):
         assert_nan_sandwich(a, lo, hi, torch.float32, f"ext attention {name}")
 
+
+@pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])
+def test_attention_fully_masked_row_gives_zero(causal):
+    """A query row whose scores are all -inf (here q = -inf against positive keys; later an attn_mask row of
+    False) gives output 0 and dq 0, as torch's SDPA does, instead of NaN. The row is the last one, so causal
+    masking hides none of its keys and every implementation multiplies the same entries."""
+    gen = torch.Generator().manual_seed(1)
+    q, k, v = torch.randn(3, 1, 2, 40, 16, generator=gen).unbind(0)
+    k[..., 0] = k[..., 0].abs() + 0.1
+    q[0, 1, -1, 0] = float("-inf")
+    grad_out = torch.randn(1, 2, 40, 16, generator=gen)
+    got = _grads(lambda a, b, c: ext_attention.attention(a, b, c, causal, 0.0, 0.25), (q, k, v), grad_out)
+    want = _grads(lambda a, b, c: F.scaled_dot_product_attention(a, b, c, is_causal=causal, scale=0.25),
+                  [t.double() for t in (q, k, v)], grad_out)
+    assert torch.equal(got[0][0, 1, -1], torch.zeros(16)) and torch.equal(got[1][0, 1, -1], torch.zeros(16))
+    for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
+        assert torch.equal(a.isnan(), w.isnan()), f"{name}: NaN pattern differs from torch's SDPA"
+        assert_close(a.nan_to_num(), w.nan_to_num(), torch.float32, f"ext attention, fully masked row, {name}")
+

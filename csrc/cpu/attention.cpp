@@ -1,7 +1,8 @@
 // Causal / full attention on CPU (float32), flash style.
 //   forward : one task per (batch, head, 64-query tile); key tiles of 64 stream through an online softmax
 //             (running max m, running sum l, rescaled fp32 accumulator), key tiles past the diagonal are
-//             skipped, and log-sum-exp m + log(l) is saved for the backward.
+//             skipped, and log-sum-exp m + log(l) is saved for the backward. A row whose scores are all -inf
+//             (fully masked) gives output 0 and lse +inf, so its backward is 0 too, as in torch's SDPA.
 //   backward: one task per (batch, head): for each key tile, each visible query tile recomputes
 //             P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K, with
 //             delta = rowsum(dO * O). A head is owned by one task, so sums run in a fixed order and
@@ -153,10 +154,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
           vfloat vmax = simd::load(sr);
           for (int64_t j = kWidth; j < kTileK; j += kWidth) vmax = simd::vmax(vmax, simd::load(sr + j));
           const float m_new = simd::max_keep_nan(m[r], simd::reduce_max(vmax));  // NaN scores make the row NaN
-          const float alpha = std::exp(m[r] - m_new);  // 0 on the first tile (m = -inf)
+          // A row that has seen only -inf scores (fully masked so far) keeps m = -inf and l = 0: exponentiating
+          // against 0 instead of -inf gives P = 0 and alpha = 0, not exp(-inf + inf) = NaN.
+          const float m_ref = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
+          const float alpha = std::exp(m[r] - m_ref);  // 0 on the first tile (m = -inf)
           vfloat sum = simd::splat(0.f);
           for (int64_t j = 0; j < kTileK; j += kWidth) {
-            const vfloat e = simd::exp(simd::load(sr + j) - m_new);
+            const vfloat e = simd::exp(simd::load(sr + j) - m_ref);
             simd::store(sr + j, e);
             sum += e;
           }
@@ -178,11 +182,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
         gemm(false, false, D, bq, bk, 1.f, vp + j0 * v.st, v.st, s.data(), kTileK, 1.f, acc.data(), D);
       }
       for (int64_t r = 0; r < bq; ++r) {
-        const float inv = 1.f / l[r];
+        // l = 0: every score was -inf (a fully masked row). Its output is 0, as in torch's SDPA, and its lse +inf, so
+        // the backward's P = exp(S - lse) is 0 there as well. A NaN l (NaN or inf scores) stays NaN.
+        const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
         const float* ar = acc.data() + r * D;
         float* orow = out_p + (bh * Tq + i0 + r) * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
-        lse_p[bh * Tq + i0 + r] = m[r] + std::log(l[r]);
+        lse_p[bh * Tq + i0 + r] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
       }
     }
   });

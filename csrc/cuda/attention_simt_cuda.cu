@@ -80,8 +80,8 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(
 #pragma unroll 8
         for (int c = 0; c < C::kDmax; ++c) s += q_s[row][c] * k_s[lane][c];
       }
-      const float m_new = fmaxf(m[r], warp_max(s));
-      if (m_new == -INFINITY) continue;  // this row sees no key of the tile yet
+      const float m_new = max_keep_nan(m[r], warp_max(s));
+      if (m_new == -INFINITY) continue;  // this row has seen only -inf scores so far: m = -inf, l = 0
       float pj = visible ? expf(s - m_new) : 0.f;
       const float alpha = expf(m[r] - m_new);  // 0 on the first visible tile
       l[r] = l[r] * alpha + warp_sum(pj);      // before dropout: softmax first, then drop
@@ -101,14 +101,16 @@ __global__ void __launch_bounds__(kThreads, 1) attention_fwd_kernel(
   for (int r = 0; r < C::kRows; ++r) {
     const int64_t i = i0 + warp * C::kRows + r;
     if (i >= tq) continue;
-    const float inv = __fdividef(1.f, l[r]);  // l >= 1; avoids the IEEE division's out-of-line slow path
+    // l = 0: every score was -inf (a fully masked row): output 0 and lse +inf, so that the backward's P is 0 too.
+    // A NaN l stays NaN. __fdividef (l <= tk) avoids the IEEE division's out-of-line slow path.
+    const float inv = l[r] == 0.f ? 0.f : __fdividef(1.f, l[r]);
     T* orow = out + (bh * tq + i) * d;
 #pragma unroll
     for (int c = 0; c < kDpl; ++c) {
       const int col = lane + 32 * c;
       if (col < d) orow[col] = from_float<T>(acc[r][c] * inv);
     }
-    if (lane == 0) lse[bh * tq + i] = m[r] + logf(l[r]);
+    if (lane == 0) lse[bh * tq + i] = l[r] == 0.f ? INFINITY : m[r] + logf(l[r]);
   }
 }
 

@@ -192,11 +192,11 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
       const int64_t j = j0 + jj;
       const bool visible = i < tq && j < tk && (!causal || j <= i);
       s[t] = visible ? s_s[warp][row][jj] * scale : -INFINITY;
-      tile_max = fmaxf(tile_max, s[t]);
+      tile_max = max_keep_nan(tile_max, s[t]);
     }
-    const float m_new = fmaxf(m, fmaxf(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1)));
-    // A row that has seen no visible key yet (m_new = -inf; also rows past tq) keeps m = -inf, l = 0, acc = 0:
-    // exponentiating against 0 instead of -inf gives p = 0 and alpha = 0 without NaNs (the SIMT kernel skips it).
+    const float m_new = max_keep_nan(m, max_keep_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1)));
+    // A row that has seen only -inf scores (masked keys, a fully masked row; also rows past tq) keeps m = -inf, l = 0,
+    // acc = 0: exponentiating against 0 instead of -inf gives p = 0 and alpha = 0, not NaN (the SIMT kernel skips it).
     const float m_ref = m_new == -INFINITY ? 0.f : m_new;
     const float alpha = expf(m - m_ref);  // 0 on the first visible tile
     float p_sum = 0.f;
@@ -212,7 +212,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
       const int jj = side * C::kHalf + t;
       // Dropped weights become 0 here; the kept ones are scaled by 1/(1-p) in fp32 in step 3 (p_s holds T, and
       // 1/(1-p) may not fit in fp16).
-      const bool kept = s[t] > 0.f && dropout_factor(drop, seed, (bh * tq + i) * tk + (j0 + jj)) != 0.f;
+      const bool kept = s[t] != 0.f && dropout_factor(drop, seed, (bh * tq + i) * tk + (j0 + jj)) != 0.f;  // NaN too
       p_s[warp][row][jj] = from_float<T>(kept ? s[t] : 0.f);
     }
     __syncwarp();  // p_s is complete and every lane has read s_s, which is scratch from here on
@@ -238,7 +238,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     }
   }
   if (i < tq) {
-    const float inv = __fdividef(1.f, l);  // l >= 1: key 0 is visible to every row
+    const float inv = l == 0.f ? 0.f : __fdividef(1.f, l);  // l = 0: all scores -inf, output 0 (as the SIMT kernel)
     T* orow = out + (bh * tq + i) * d;
 #pragma unroll
     for (int n = 0; n < C::kChunks; ++n) {
@@ -248,7 +248,7 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
       for (int e = 0; e < 8; ++e) p.v[e] = from_float<T>(acc[n][e] * inv);
       *reinterpret_cast<Pack<T, 8>*>(orow + n * 16 + side * 8) = p;
     }
-    if (side == 0) lse[bh * tq + i] = m + logf(l);
+    if (side == 0) lse[bh * tq + i] = l == 0.f ? INFINITY : m + logf(l);
   }
 #else
   __trap();  // never launched below sm_80 (use_tensor_cores); a build with only older PTX must not fail silently

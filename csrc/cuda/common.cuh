@@ -63,9 +63,13 @@ __device__ __forceinline__ float warp_sum(float x) {
   return x;  // every lane holds the same total (butterfly), so the result is warp-uniform
 }
 
-__device__ __forceinline__ float warp_max(float x) {
+// max(a, b) that keeps a NaN of either side (fmaxf returns the other one), so one NaN score makes its softmax row
+// NaN, as in torch.
+__device__ __forceinline__ float max_keep_nan(float a, float b) { return (a > b || a != a) ? a : b; }
+
+__device__ __forceinline__ float warp_max(float x) {  // NaN if any lane holds NaN
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, offset));
+  for (int offset = 16; offset > 0; offset >>= 1) x = max_keep_nan(x, __shfl_xor_sync(kFullMask, x, offset));
   return x;
 }
 
