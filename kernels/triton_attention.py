@@ -10,8 +10,10 @@ key blocks to accumulate dQ. Both recompute the scores from q and k.
 
 Masking: key blocks entirely in a query block's causal future are never visited (loop bounds); blocks crossing
 the diagonal or the sequence ends run a masked variant of the same loop body. The head dim is padded to a power
-of two >= 16 (BLOCK_D) with masked loads, so any D <= 256 works. Inputs are read through their strides, so the
-(B, T, H, D) -> (B, H, T, D) transpose views of nanoGPT are never copied.
+of two >= 16 (BLOCK_D) with masked loads, so any D <= 256 works. A row with no visible key (every score -inf)
+gives 0 output and 0 gradients, as torch does: the running max starts finite and the row's lse is stored as +inf.
+Inputs are read through their strides, so the (B, T, H, D) -> (B, H, T, D) transpose views of nanoGPT are never
+copied.
 
 Dropout (spec in kernels.reference): the keep-mask of entry (b, h, i, j) is tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j)
 >= p, drawn from a seed tensor taken from torch's generator once per forward call and regenerated - never
@@ -33,6 +35,7 @@ fix_interpreter_loop_bounds()
 # CPU means the Triton interpreter, where bfloat16 arithmetic is broken (float16 works).
 SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float16)}
 LOG2_E = 1.4426950408889634
+FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # -torch.finfo(torch.float32).max
 
 
 def _configs(rows):
@@ -288,7 +291,10 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
     V_head = V + b * stride_vb + h * stride_vh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    # The max starts at the lowest finite float, not -inf: nothing changes for finite scores (only -inf is lower),
+    # and a row whose scores are all -inf gets p = exp2(-inf - FLOAT32_LOWEST) = 0, not exp2(-inf - -inf) = NaN,
+    # with no test in the loop. NaN scores still make p NaN.
+    row_max = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     unmasked_hi, key_hi = _key_ranges(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, 0, unmasked_hi, False,
@@ -300,10 +306,14 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
                                            seed, rng_base, dropout_p, dropout_scale,
                                            IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
 
-    # Key 0 is visible to every query, so row_sum > 0 and row_max is finite for every row.
-    _store_rows(Out + b * stride_ob + h * stride_oh, acc / row_sum[:, None], offs_m, offs_d, stride_om, T_Q,
-                HEAD_DIM)
-    tl.store(LSE + bh * T_Q + offs_m, row_max + tl.log2(row_sum), mask=offs_m < T_Q)
+    # row_sum is >= 1 once a row has a finite score, 0 for a row whose every visible score is -inf: that row
+    # gives 0 (as torch), and lse = +inf makes the backward's exp2(s - lse) = 0 for all its keys.
+    # (lse first: row_max is then dead during the output's division, which keeps M=32 N=32 w4 at D=128 unspilled.)
+    no_key = row_sum == 0.0
+    lse = tl.where(no_key, float("inf"), row_max + tl.log2(row_sum))
+    tl.store(LSE + bh * T_Q + offs_m, lse, mask=offs_m < T_Q)
+    _store_rows(Out + b * stride_ob + h * stride_oh, acc / tl.where(no_key, 1.0, row_sum)[:, None], offs_m, offs_d,
+                stride_om, T_Q, HEAD_DIM)
 
 
 @triton.jit
@@ -483,7 +493,8 @@ def _dropout_args(dropout_p):
 @torch.library.triton_op("chargpt_triton::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
                       is_causal: bool, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out contiguous, q's shape and dtype; lse (B, H, Tq) float32 in log2 units. `seed` is required when dropout_p > 0."""
+    """(out, lse): out contiguous, of q's shape and dtype; lse (B, H, Tq) float32 in log2 units. `seed` is required
+    when dropout_p > 0."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads, t_q, head_dim = q.shape
     t_k = k.shape[2]

@@ -63,6 +63,22 @@ def test_layer_norm(ops, dtype, rows, n, strided):
         assert_close(got, ref, dtype, f"emulated CUDA layer_norm {name}")
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("n", [768, 1000, 4099])
+def test_layer_norm_of_constant_rows_is_exact(ops, dtype, n):
+    """A constant row normalises to exactly 0 (to the bias with an affine) even with BERT's eps = 1e-12: the
+    per-lane Welford means are exact for constant data, and so are Chan's merges (tests/test_ext_fixes.py has the
+    CPU side, which was not)."""
+    ops.configure(9, n % 2 == 0)
+    values = torch.tensor([0.1, -3.7, 1e4, 1 / 3])
+    x = values[:, None].expand(-1, n).contiguous().to(dtype)
+    b = fresh(n, dtype=dtype, seed=n)
+    y, _, _ = ops.layer_norm_fwd(x, None, None, 1e-12)
+    assert torch.equal(y, torch.zeros_like(x)), f"max |y| = {y.abs().max().item():.3g}, want exactly 0"
+    y, _, _ = ops.layer_norm_fwd(x, fresh(n, dtype=dtype, seed=n + 1), b, 1e-12)
+    assert torch.equal(y, b.expand_as(x)), f"max |y - bias| = {(y - b).abs().max().item():.3g}, want exactly 0"
+
+
 # (B, H, Tq, Tk, D): a single token, D in every SIMT bucket (64/128/256) and tensor-core bucket (64/128),
 # ragged tiles, Tq != Tk, and T = 70 (more than one 64-row block and 16/32-key step of the tensor-core kernels).
 ATTENTION_SHAPES = [(1, 1, 1, 1, 16), (1, 2, 7, 7, 40), (1, 1, 19, 19, 80), (1, 1, 5, 19, 32), (1, 1, 9, 9, 256),

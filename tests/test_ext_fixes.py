@@ -113,3 +113,28 @@ def test_attention_fully_masked_row_gives_zero(causal):
         assert torch.equal(a.isnan(), w.isnan()), f"{name}: NaN pattern differs from torch's SDPA"
         assert_close(a.nan_to_num(), w.nan_to_num(), torch.float32, f"ext attention, fully masked row, {name}")
 
+
+@pytest.mark.parametrize("n", [384, 768, 1000, 4099])
+def test_layer_norm_of_constant_rows_is_exact(n):
+    """A constant row normalises to exactly 0 (and to the bias with an affine), whatever eps: BERT's eps = 1e-12
+    used to turn the mean's rounding error into -0.0149. 384 takes the four-rows-at-a-time path."""
+    values = torch.tensor([0.1, -3.7, 1e4, 1 / 3, 2.5e-3, -0.1, 7.0, 0.3])
+    x = values[:, None].expand(-1, n).contiguous()
+    w, b = torch.randn(2, n, generator=torch.Generator().manual_seed(n)).unbind(0)
+    y = kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
+    assert torch.equal(y, torch.zeros_like(x)), f"max |y| = {y.abs().max().item():.3g}, want exactly 0"
+    y = kernels.layer_norm(x, (n,), w, b, eps=1e-12, backend="ext")
+    assert torch.equal(y, b.expand_as(x)), f"max |y - bias| = {(y - b).abs().max().item():.3g}, want exactly 0"
+    assert kernels.layer_norm(torch.full((1, 768), 0.1), (768,), eps=1e-12, backend="ext").abs().max() == 0
+
+
+@pytest.mark.parametrize("n", [384, 4099])
+def test_layer_norm_accuracy_near_constant_rows(n):
+    """Rows with a large offset and a small spread, where the mean's rounding shows most, against float64: ext was
+    off by ~1e-2 here (as is torch's CPU LayerNorm); the bound is what an fp32 mean allows (half an ulp of 100 is
+    ~4e-3 of the spread)."""
+    gen = torch.Generator().manual_seed(n)
+    x = 100.0 + 1e-3 * torch.randn(16, n, generator=gen)
+    y = kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
+    want = reference.layer_norm(x.double(), None, None, 1e-12)
+    torch.testing.assert_close(y.double(), want, rtol=0, atol=5e-3)

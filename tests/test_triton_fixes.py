@@ -129,20 +129,52 @@ def test_attention_non_finite_inputs_propagate_like_torch(which, value, is_causa
     gen = torch.Generator().manual_seed(5)
     inputs = [torch.randn(b, h, t, d, generator=gen) for _ in range(3)]
     inputs["qkv".index(which)][0, 1, 45, 3] = float(value)
+    _check_like_torch(inputs, is_causal, scale)
+
+
+def _check_like_torch(inputs, is_causal, scale):
+    """The triton attention's out, dq, dk, dv for float32 `inputs` against torch's (see the test above)."""
+    import torch.nn.functional as F
+
+    from kernels import triton_attention
+
     got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, is_causal, 0.0, scale),
                        [x.to(DEVICE) for x in inputs])
     inputs64 = [x.double() for x in inputs]
-    exact, _ = _grads(lambda q, k, v: _visible_only(q, k, v, is_causal, scale), inputs64, grad.double().cpu())
+    grad64 = grad.double().cpu()
+    exact, _ = _grads(lambda q, k, v: _visible_only(q, k, v, is_causal, scale), inputs64, grad64)
     torch_, _ = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=scale),
-                       inputs64, grad.double().cpu())
-    ref, _ = _grads(lambda q, k, v: reference.attention(q, k, v, is_causal, 0.0, scale), inputs64, grad.double().cpu())
+                       inputs64, grad64)
+    ref, _ = _grads(lambda q, k, v: reference.attention(q, k, v, is_causal, 0.0, scale), inputs64, grad64)
     for what, a, lower, upper, r in zip(("out", "dq", "dk", "dv"), got, exact, torch_, ref):
         nan = a.cpu().isnan()
-        assert not (lower.isnan() & ~nan).any(), f"{what}: NaN lost ({int((lower.isnan() & ~nan).sum())} entries)"
+        lost = lower.isnan() & ~nan
+        assert not lost.any(), f"{what}: NaN lost ({int(lost.sum())} entries)"
         extra = nan & ~upper.isnan()
         assert not extra.any(), f"{what}: NaN where torch has none ({int(extra.sum())} entries)"
         if not is_causal:
             assert torch.equal(nan, upper.isnan()) and torch.equal(nan, r.isnan()), f"{what}: NaN mask"
         finite = lower[~nan].abs()
         tol = 2e-5 * max(1.0, finite[finite.isfinite()].max().item()) if finite.isfinite().any() else 2e-5
-        assert torch.isclose(a.cpu()[~nan].double(), lower[~nan], rtol=2e-5, atol=tol).all(), f"{what}: values"
+        close = torch.isclose(a.cpu()[~nan].double(), lower[~nan], rtol=2e-5, atol=tol)
+        assert close.all(), f"{what}: {int((~close).sum())} values differ, e.g. {a.cpu()[~nan][~close][:4].tolist()}"
+    return got
+
+
+@pytest.mark.parametrize("case", ["q-row", "first-key-causal", "q-row-causal"])
+def test_attention_rows_that_see_no_key_give_zero(case):
+    """A row whose every visible score is -inf (what a mask will make; reachable today with -inf in q or k) gives 0
+    output and 0 gradient, as torch does, not NaN (exp2(-inf - -inf)); the other rows are unaffected."""
+    b, h, t, d, scale = 1, 2, 70, 8, 0.35
+    gen = torch.Generator().manual_seed(6)
+    q, k, v = (torch.randn(b, h, t, d, generator=gen) for _ in range(3))
+    if case.startswith("q-row"):  # k > 0, so q row 45 = -inf scores -inf against every key
+        k, row = k.abs() + 0.1, 45
+        q[0, 1, row] = float("-inf")
+    else:  # q > 0 and key 0 = -inf: causal row 0 sees key 0 only
+        q, row = q.abs() + 0.1, 0
+        k[0, 1, 0] = float("-inf")
+    out, dq, _dk, dv = _check_like_torch([q, k, v], case != "q-row", scale)
+    assert (out[0, 1, row] == 0).all(), out[0, 1, row]
+    if case.startswith("q-row"):
+        assert (dq[0, 1, row] == 0).all() and dv.isfinite().all(), (dq[0, 1, row], dv.isnan().sum())

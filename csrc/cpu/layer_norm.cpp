@@ -35,6 +35,9 @@ inline bool streaming_output(int64_t m, int64_t n) { return m * n * static_cast<
 // ~12K, L2 beyond). Numerically this is the textbook two-pass algorithm, at least as accurate as Welford, and
 // without Welford's per-block division and its dependent update chain. Four vector accumulators hide the add
 // latency; the lanes are summed in a fixed tree order.
+// The first sweep sums x - x[0] (shifted data): a constant row sums to exactly 0, so its mean is exactly x[0] and
+// it normalises to exactly 0 for any eps (an unshifted sum's rounding error, divided by sqrt(eps) = 1e-6, gave
+// outputs of 0.01-0.9), and rows with a large offset keep their small deviations. One subtraction per element.
 // R rows at once (R independent dependency chains for short rows); each row's arithmetic is the same for every R,
 // so how rows are grouped (which depends on the thread split) never changes a result.
 template <int R>
@@ -43,16 +46,18 @@ inline void rows_moments(const float* const* x, int64_t n, float* mean_out, floa
   const int64_t nb = n / kBlock * kBlock, nv = n / kWidth * kWidth;
   const float inv_n = 1.f / static_cast<float>(n);
   vfloat acc[R][4] = {};
+  vfloat shift[R];
+  for (int r = 0; r < R; ++r) shift[r] = simd::splat(x[r][0]);
   for (int64_t j = 0; j < nb; j += kBlock)
     for (int r = 0; r < R; ++r)
-      for (int a = 0; a < 4; ++a) acc[r][a] += simd::load(x[r] + j + a * kWidth);
+      for (int a = 0; a < 4; ++a) acc[r][a] += simd::load(x[r] + j + a * kWidth) - shift[r];
   for (int64_t j = nb; j < nv; j += kWidth)
-    for (int r = 0; r < R; ++r) acc[r][0] += simd::load(x[r] + j);
+    for (int r = 0; r < R; ++r) acc[r][0] += simd::load(x[r] + j) - shift[r];
   float mu[R];
   for (int r = 0; r < R; ++r) {
     float sum = simd::reduce_add((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
-    for (int64_t j = nv; j < n; ++j) sum += x[r][j];
-    mu[r] = sum * inv_n;
+    for (int64_t j = nv; j < n; ++j) sum += x[r][j] - x[r][0];
+    mu[r] = x[r][0] + sum * inv_n;
   }
   vfloat sq[R][4] = {};
   for (int64_t j = 0; j < nb; j += kBlock)
