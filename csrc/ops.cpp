@@ -40,9 +40,10 @@ using torch::autograd::tensor_list;
 using Tensors3 = std::tuple<Tensor, Tensor, Tensor>;
 
 Tensors3 call_layer_norm_fwd(const Tensor& x, const optional<Tensor>& w, const optional<Tensor>& b, double eps) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("chargpt::layer_norm_fwd", "")
-                             .typed<Tensors3(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, double)>();
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("chargpt::layer_norm_fwd", "")
+          .typed<Tensors3(const Tensor&, const optional<Tensor>&, const optional<Tensor>&, double)>();
   return op.call(x, w, b, eps);
 }
 
@@ -78,6 +79,36 @@ Tensors3 call_attention_bwd(const Tensor& g, const Tensor& q, const Tensor& k, c
 Tensor or_undefined(const optional<Tensor>& t) { return t.has_value() ? *t : Tensor(); }
 optional<Tensor> as_optional(const Tensor& t) { return t.defined() ? optional<Tensor>(t) : std::nullopt; }
 
+// First derivatives taken with create_graph=True run the same backward kernels inside a node whose own backward
+// raises, so a second derivative through a chargpt op fails loudly instead of coming out as None or zeros (the
+// backward ops have no derivative). A plain backward (grad mode off) never builds these nodes: no cost there.
+tensor_list no_double_backward(const char* op) {
+  TORCH_CHECK(false, op, ": double backward is not supported (the chargpt ops have first derivatives only; "
+              "use backend='eager' for higher-order gradients)");
+  return {};
+}
+
+struct LayerNormBackwardFunction : torch::autograd::Function<LayerNormBackwardFunction> {
+  static tensor_list forward(AutogradContext*, const Tensor& g, const Tensor& x, const optional<Tensor>& weight,
+                             const Tensor& mean, const Tensor& rstd) {  // optionals: apply takes no undefined tensor
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dx, dweight, dbias] = call_layer_norm_bwd(g, x, weight, mean, rstd);
+    return {dx, dweight, dbias};
+  }
+  static tensor_list backward(AutogradContext*, tensor_list) { return no_double_backward("chargpt::layer_norm"); }
+};
+
+struct AttentionBackwardFunction : torch::autograd::Function<AttentionBackwardFunction> {
+  static tensor_list forward(AutogradContext*, const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const Tensor& out, const Tensor& lse, bool causal, double p, double scale,
+                             const optional<Tensor>& seed) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    auto [dq, dk, dv] = call_attention_bwd(g, q, k, v, out, lse, causal, p, scale, seed);
+    return {dq, dk, dv};
+  }
+  static tensor_list backward(AutogradContext*, tensor_list) { return no_double_backward("chargpt::attention"); }
+};
+
 struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
   static tensor_list forward(AutogradContext* ctx, const Tensor& x, const optional<Tensor>& weight,
                              const optional<Tensor>& bias, double eps) {
@@ -94,7 +125,13 @@ struct LayerNormFunction : torch::autograd::Function<LayerNormFunction> {
     const auto saved = ctx->get_saved_variables();
     const Tensor &x = saved[0], &weight = saved[1];
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor()};
-    auto [dx, dweight, dbias] = call_layer_norm_bwd(grads[0], x, as_optional(weight), saved[2], saved[3]);
+    Tensor dx, dweight, dbias;
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      const auto d = LayerNormBackwardFunction::apply(grads[0], x, as_optional(weight), saved[2], saved[3]);
+      dx = d[0], dweight = d[1], dbias = d[2];
+    } else {
+      std::tie(dx, dweight, dbias) = call_layer_norm_bwd(grads[0], x, as_optional(weight), saved[2], saved[3]);
+    }
     return {dx, weight.defined() ? dweight : Tensor(), ctx->saved_data["has_bias"].toBool() ? dbias : Tensor(),
             Tensor()};
   }
@@ -117,10 +154,14 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto s = ctx->get_saved_variables();
     if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
-    auto [dq, dk, dv] = call_attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4],
-                                           ctx->saved_data["is_causal"].toBool(),
-                                           ctx->saved_data["dropout_p"].toDouble(),
-                                           ctx->saved_data["scale"].toDouble(), as_optional(s[5]));
+    const bool causal = ctx->saved_data["is_causal"].toBool();
+    const double p = ctx->saved_data["dropout_p"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
+    if (at::GradMode::is_enabled()) {  // create_graph=True
+      const auto d =
+          AttentionBackwardFunction::apply(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale, as_optional(s[5]));
+      return {d[0], d[1], d[2], Tensor(), Tensor(), Tensor(), Tensor()};
+    }
+    auto [dq, dk, dv] = call_attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale, as_optional(s[5]));
     return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };

@@ -138,3 +138,40 @@ def test_layer_norm_accuracy_near_constant_rows(n):
     y = kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
     want = reference.layer_norm(x.double(), None, None, 1e-12)
     torch.testing.assert_close(y.double(), want, rtol=0, atol=5e-3)
+
+
+def _layer_norm_loss(x, w, b):
+    return kernels.layer_norm(x, (x.shape[-1],), w, b, backend="ext").square().sum()
+
+
+def _attention_loss(q, k, v):
+    return ext_attention.attention(q, k, v, True, 0.0, 0.25).square().sum()
+
+
+@pytest.mark.parametrize("op,loss,shapes", [("layer_norm", _layer_norm_loss, [(6, 24), (24,), (24,)]),
+                                            ("attention", _attention_loss, [(1, 2, 9, 16)] * 3)],
+                         ids=["layer_norm", "attention"])
+def test_double_backward_raises(op, loss, shapes):
+    """A second derivative through an ext op raises, naming the op: it used to come out as None or zeros. First
+    derivatives taken with create_graph=True are still right (only differentiating them again fails)."""
+    gen = torch.Generator().manual_seed(3)
+    inputs = [torch.randn(*s, generator=gen).requires_grad_() for s in shapes]
+    plain = torch.autograd.grad(loss(*inputs), inputs)
+    grads = torch.autograd.grad(loss(*inputs), inputs, create_graph=True)
+    for g, p in zip(grads, plain):
+        torch.testing.assert_close(g, p, rtol=0, atol=0)
+    with pytest.raises(RuntimeError, match=f"chargpt::{op}: double backward is not supported"):
+        torch.autograd.grad(sum(g.square().sum() for g in grads), inputs)
+
+
+def test_double_backward_raises_without_weight_or_with_dropout():
+    """The same through the optional inputs: LayerNorm without weight, attention with a dropout seed."""
+    x = torch.randn(4, 8, requires_grad=True)
+    (g,) = torch.autograd.grad(kernels.layer_norm(x, (8,), backend="ext").square().sum(), x, create_graph=True)
+    with pytest.raises(RuntimeError, match="chargpt::layer_norm: double backward is not supported"):
+        torch.autograd.grad(g.sum(), x)
+    q, k, v = torch.randn(3, 1, 1, 5, 8).requires_grad_().unbind(0)
+    out = kernels.causal_attention(q, k, v, dropout_p=0.3, backend="ext")
+    (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="chargpt::attention: double backward is not supported"):
+        torch.autograd.grad(g.sum(), q)
