@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from kernels import reference
+
 from conftest import assert_close
 
 EMULATOR = Path(__file__).resolve().parent / "cuda_emulator"

@@ -8,10 +8,10 @@ the exact function (each query over just the keys it sees) and lie within the re
 bounds are the same pattern.
 """
 
+import ast
 import os
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import pytest
@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
+
 from conftest import assert_close, require_backend
 
 ext_attention = None
@@ -175,3 +176,62 @@ def test_double_backward_raises_without_weight_or_with_dropout():
     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="chargpt::attention: double backward is not supported"):
         torch.autograd.grad(g.sum(), q)
+
+
+_COUNT_REGIONS = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+static long regions;
+long chargpt_test_parallel_regions(void) { return __atomic_load_n(&regions, __ATOMIC_RELAXED); }
+void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned flags) {
+  static void (*real)(void (*)(void*), void*, unsigned, unsigned);
+  if (!real) real = (void (*)(void (*)(void*), void*, unsigned, unsigned))dlsym(RTLD_NEXT, "GOMP_parallel");
+  __atomic_fetch_add(&regions, 1, __ATOMIC_RELAXED);
+  real(fn, data, num_threads, flags);
+}
+"""
+
+_SMALL_AND_LARGE_JOBS = """
+import ctypes, sys, torch, kernels
+from kernels import ext_attention
+count = ctypes.CDLL(None).chargpt_test_parallel_regions
+torch.set_num_threads(2)
+def regions(fn):
+    fn()  # warm-up (first-call set-up)
+    before = count()
+    fn()
+    return count() - before
+def layer_norm(m, n):
+    x = torch.randn(m, n, requires_grad=True)
+    return lambda: kernels.layer_norm(x, (n,), torch.ones(n), torch.zeros(n), backend="ext").sum().backward()
+def attention(b, h, t, d):
+    q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
+    return lambda: ext_attention.attention(q, k, v, True, 0.0, 0.125).sum().backward()
+small = {"layer_norm 8x16": layer_norm(8, 16), "layer_norm 64x384": layer_norm(64, 384),
+         "layer_norm 40x768": layer_norm(40, 768), "attention 1x2x16x16": attention(1, 2, 16, 16),
+         "attention 2x4x8x32": attention(2, 4, 8, 32)}
+large = {"layer_norm 4096x384": layer_norm(4096, 384), "attention 2x4x128x64": attention(2, 4, 128, 64)}
+print({name: regions(fn) for name, fn in small.items()})
+print({name: regions(fn) for name, fn in large.items()})
+"""
+
+
+def test_small_jobs_open_no_parallel_region(tmp_path):
+    """Ext ops below ~32K elements of work (ATen's GRAIN_SIZE) run on the calling thread: waking a second thread
+    costs more than it saves, and under load it spin-waits. Counted in a subprocess by interposing libgomp's
+    GOMP_parallel (every `omp parallel` region goes through it); the large jobs show that the count works."""
+    if not sys.platform.startswith("linux"):
+        pytest.skip("LD_PRELOAD interposition of libgomp is Linux-only")
+    lib = tmp_path / "count_regions.so"
+    (tmp_path / "count_regions.c").write_text(_COUNT_REGIONS)
+    build = subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(lib), str(tmp_path / "count_regions.c"),
+                            "-ldl"], capture_output=True, text=True)
+    if build.returncode != 0:
+        pytest.skip(f"cannot build the GOMP_parallel counter: {build.stderr[:200]}")
+    env = dict(os.environ, LD_PRELOAD=str(lib))
+    run = subprocess.run([sys.executable, "-c", _SMALL_AND_LARGE_JOBS], env=env, capture_output=True, text=True,
+                         timeout=600, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-2000:]
+    small, large = (ast.literal_eval(line) for line in run.stdout.strip().splitlines()[-2:])
+    assert all(n > 0 for n in large.values()), f"the counter saw no region in large jobs: {large}"
+    assert all(n == 0 for n in small.values()), f"small jobs opened OpenMP parallel regions: {small}"

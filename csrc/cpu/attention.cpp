@@ -22,6 +22,7 @@
 #include "../checks.h"
 #include "../host_utils.h"
 #include "buffer_pool.h"
+#include "parallel.h"
 #include "simd.h"
 
 // Weak: present when torch links a BLAS (MKL on x86 wheels); null otherwise, and the fallback runs.
@@ -125,7 +126,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   float* lse_p = lse.mutable_data_ptr<float>();
   const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
 
-  at::parallel_for(0, B * H * q_tiles, 1, [&](int64_t begin, int64_t end) {
+  const int64_t grain = parallel_grain(std::min(Tq, kTileQ) * Tk * D);  // a task: its query tile times every key
+  at::parallel_for(0, B * H * q_tiles, grain, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
     std::vector<float> s(kTileQ * kTileK), z(kTileK), acc(kTileQ * D), m(kTileQ), l(kTileQ);
     for (int64_t task = begin; task < end; ++task) {
@@ -220,7 +222,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   float* dv_p = dv.mutable_data_ptr<float>();
   const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
 
-  at::parallel_for(0, B * H, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * H, parallel_grain(Tq * Tk * D), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
     std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(dropout ? kTileQ * kTileK : 0), z(kTileK),
         delta(Tq);

@@ -1,4 +1,5 @@
-// LayerNorm on CPU (float32): rows in parallel with at::parallel_for, 16-lane vectors within a row.
+// LayerNorm on CPU (float32): rows in parallel with at::parallel_for (jobs past kParallelGrain elements), 16-lane
+// vectors within a row.
 //   forward : statistics per row (sum, then squared deviations: the row is read from memory once and re-read
 //             from L1), then normalise and apply the affine in one sweep.
 //   backward: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per row; dW = sum g*xhat and dB = sum g
@@ -15,6 +16,7 @@
 #include "../checks.h"
 #include "../host_utils.h"
 #include "buffer_pool.h"
+#include "parallel.h"
 #include "simd.h"
 
 namespace chargpt {
@@ -23,7 +25,7 @@ namespace {
 using simd::kWidth;
 using simd::vfloat;
 
-constexpr int64_t kMinElementsPerTask = 16384;  // below this a thread hand-off costs more than it saves
+constexpr int64_t kMinElementsPerChunk = 16384;  // of a dW/dB partial-sum chunk: amortises its partials
 
 // Outputs much larger than the L2 caches are written with non-temporal stores: the write-allocate read of each
 // line is skipped (a third of a plain store's traffic), and the output would not stay in cache anyway. Smaller
@@ -126,7 +128,7 @@ void normalize_row(const float* x, float* y, const float* w, const float* b, int
 template <bool kWeight, bool kBias>
 void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w, const float* b, float* mean,
                   float* rstd, int64_t m, int64_t n, float eps) {
-  const int64_t grain = std::max<int64_t>(1, kMinElementsPerTask / n);
+  const int64_t grain = parallel_grain(n);  // rows
   const bool stream = streaming_output(m, n);
   at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
     // Statistics stored, row r normalised, and the row `distance` rows on prefetched.
@@ -277,7 +279,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
 
   // Fixed chunks of rows (independent of the thread count): at most 64, each big enough to amortise its partials.
   const int64_t rows_per_chunk =
-      std::max<int64_t>({(m + 63) / 64, kMinElementsPerTask / n, int64_t{1}});
+      std::max<int64_t>({(m + 63) / 64, kMinElementsPerChunk / n, int64_t{1}});
   const int64_t chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
   const int64_t padded_n = (n + kWidth - 1) / kWidth * kWidth;
   std::vector<float> partials(static_cast<size_t>(chunks * 2 * padded_n), 0.f);
@@ -289,7 +291,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   const float* rp = rstd.const_data_ptr<float>();
   float* dxp = dx.mutable_data_ptr<float>();
   const bool stream = streaming_output(m, n);
-  at::parallel_for(0, chunks, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, chunks, parallel_grain(rows_per_chunk * n), [&](int64_t begin, int64_t end) {
     for (int64_t c = begin; c < end; ++c) {
       float* dw_part = partials.data() + c * 2 * padded_n;
       float* db_part = dw_part + padded_n;
@@ -321,7 +323,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
   // Reduce the chunk partials once, in chunk order (double accumulators: the sums can span many rows).
   float* dwp = dw.mutable_data_ptr<float>();
   float* dbp = db.mutable_data_ptr<float>();
-  at::parallel_for(0, n, std::max<int64_t>(256, kMinElementsPerTask / chunks), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, n, std::max<int64_t>(256, parallel_grain(2 * chunks)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       double sw = 0.0, sb = 0.0;
       for (int64_t c = 0; c < chunks; ++c) {
