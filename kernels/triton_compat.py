@@ -17,6 +17,16 @@ def wrap_triton(kernel):
     return torch.library.wrap_triton(kernel)
 
 
+def refuse_double_backward(backward_op, name):
+    """Make differentiating `backward_op` (a second derivative) raise a clear error instead of torch's "no autograd
+    formula was registered". First-order backward runs with grad mode off and never reaches this."""
+
+    def refuse(ctx, *grads):
+        raise RuntimeError(f"{name}: double backward is not supported (use the eager backend for second derivatives)")
+
+    backward_op.register_autograd(refuse, setup_context=lambda ctx, inputs, output: None)
+
+
 def fix_interpreter_loop_bounds():
     """Let `range(lo, hi, BLOCK)` take tensor bounds under TRITON_INTERPRET=1 with NumPy >= 2.4.
 

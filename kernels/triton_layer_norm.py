@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_compat import fix_interpreter_loop_bounds, wrap_triton
+from kernels.triton_compat import fix_interpreter_loop_bounds, refuse_double_backward, wrap_triton
 
 fix_interpreter_loop_bounds()
 
@@ -66,10 +66,13 @@ def _layer_norm_forward(X, Y, W, B, Mean, Rstd,
     row_ok = rows < M
     X_rows = X + rows.to(tl.int64)[:, None] * stride_x
     Y_rows = Y + rows.to(tl.int64)[:, None] * stride_y
+    # The mean is taken of x - x[0] (shifted data): a constant row sums to exactly 0, so its mean is exactly x[0] and
+    # it normalizes to exactly 0 even at eps = 1e-12 (BERT), where an unshifted sum's rounding would be blown up 1e6x.
+    shift = tl.load(X + rows.to(tl.int64) * stride_x, mask=row_ok, other=0.0).to(tl.float32)
     if SINGLE_BLOCK:
         cols = tl.arange(0, BLOCK_N)
         x, mask = _load_block(X_rows, row_ok, cols, N)
-        mean = tl.sum(x, 1) / N
+        mean = shift + tl.sum(tl.where(mask, x - shift[:, None], 0.0), 1) / N
         centred = tl.where(mask, x - mean[:, None], 0.0)
         rstd = 1.0 / tl.sqrt(tl.sum(centred * centred, 1) / N + eps)
         y = _affine(centred * rstd[:, None], W, B, cols, cols < N, HAS_WEIGHT, HAS_BIAS)
@@ -78,8 +81,8 @@ def _layer_norm_forward(X, Y, W, B, Mean, Rstd,
         total = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             x, mask = _load_block(X_rows, row_ok, start + tl.arange(0, BLOCK_N), N)
-            total += tl.sum(x, 1)
-        mean = total / N
+            total += tl.sum(tl.where(mask, x - shift[:, None], 0.0), 1)
+        mean = shift + total / N
         squares = tl.zeros([BLOCK_M], dtype=tl.float32)
         for start in range(0, N, BLOCK_N):
             x, mask = _load_block(X_rows, row_ok, start + tl.arange(0, BLOCK_N), N)
@@ -192,6 +195,8 @@ def layer_norm_forward(x: torch.Tensor, weight: Optional[torch.Tensor], bias: Op
     """(y, mean, rstd) for x (M, N): y in x's dtype, mean and rstd (M,) float32."""
     x, weight, bias = _unit_column_stride(x), _dense_vector(weight), _dense_vector(bias)
     n_rows, n_cols = x.shape
+    if x.numel() == 0:  # no rows, or rows of nothing (launch_config needs N >= 1): empty y, unread statistics
+        return x.new_empty((n_rows, n_cols)), *(x.new_zeros((n_rows,), dtype=torch.float32) for _ in range(2))
     block_m, block_n, num_warps = launch_config(n_rows, n_cols)
     y = torch.empty((n_rows, n_cols), device=x.device, dtype=x.dtype)
     mean = torch.empty((n_rows,), device=x.device, dtype=torch.float32)
@@ -209,6 +214,9 @@ def layer_norm_backward(grad_y: torch.Tensor, x: torch.Tensor, weight: Optional[
     """(dx, dw, db); dw (db) is an empty tensor when there is no weight (bias)."""
     grad_y, x, weight = _unit_column_stride(grad_y), _unit_column_stride(x), _dense_vector(weight)
     n_rows, n_cols = x.shape
+    if x.numel() == 0:  # dw and db are sums over no rows (0), or empty when N = 0
+        sums = lambda wanted: x.new_zeros((n_cols,)) if wanted else x.new_empty(0)  # noqa: E731
+        return x.new_empty((n_rows, n_cols)), sums(weight is not None), sums(has_bias)
     block_m, block_n, num_warps = launch_config(n_rows, n_cols)
     single_block = n_cols <= block_n
     programs, rows_per_program = _backward_programs(x.device, n_rows, block_m)
@@ -242,6 +250,7 @@ def _backward(ctx, grad_y, _grad_mean, _grad_rstd):
 
 
 layer_norm_forward.register_autograd(_backward, setup_context=_setup_context)
+refuse_double_backward(layer_norm_backward, "chargpt_triton::layer_norm")
 
 
 def layer_norm(x, weight, bias, eps):
