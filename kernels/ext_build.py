@@ -1,16 +1,23 @@
 """Finds or builds the chargpt C++/CUDA extension (csrc/) and loads its ops into torch.ops.chargpt.
 
 Order of preference, decided once per process on first use (never at `import kernels`):
-1. `kernels/_C*.so` built by `pip install` (setup.py), if it was built for this very torch (its build stamp says
-   so) and has the CUDA part whenever this process can use CUDA;
+1. `kernels/_C*.so` built by `pip install` (setup.py), if it was built for this very torch, the same
+   CHARGPT_EXT_MARCH and the same kind of CPU (its build stamp says so) and has the CUDA part whenever this process
+   can use CUDA;
 2. a just-in-time build with torch.utils.cpp_extension.load (ninja), cached under
-   ~/.cache/chargpt/ext/torch-<version>-<cpu|cuda> (or $CHARGPT_EXT_DIR), so it always matches the running torch.
+   ~/.cache/chargpt/ext/torch-<version>-<cpu|cuda>-<march>-<cpu key> (or under $CHARGPT_EXT_DIR), so it always
+   matches the running torch, and a home directory shared between machines never loads a build for another CPU.
    The C++ part is always built; the .cu files only when CUDA is usable at run time and nvcc is found.
-Set CHARGPT_EXT=0 to switch the backend off.
+The C++ kernels are built for -march=$CHARGPT_EXT_MARCH (default native; e.g. x86-64-v2, x86-64-v3 for a binary that
+runs on any AVX2 machine). Set CHARGPT_EXT=0 to switch the backend off.
 """
 
+import functools
 import glob
+import hashlib
 import os
+import platform
+import re
 import shutil
 import sys
 import threading
@@ -23,9 +30,39 @@ from kernels.runtime import BackendUnavailable
 
 ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
+
+
+def target_march():
+    """The -march the C++ kernels are built for: $CHARGPT_EXT_MARCH, else native."""
+    return os.environ.get("CHARGPT_EXT_MARCH", "").strip() or "native"
+
+
+def _check_march(march):
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._+-]*", march):
+        raise ValueError(f"CHARGPT_EXT_MARCH={march!r} is not a -march value (e.g. native, x86-64-v2, x86-64-v3)")
+
+
+@functools.cache
+def cpu_key():
+    """A short hash of this CPU's identity and feature flags (the first processor of /proc/cpuinfo, else what
+    platform knows): builds, -march=native ones above all, are only ever reused on the same kind of CPU."""
+    wanted = ("vendor_id", "cpu family", "model", "model name", "flags", "CPU implementer", "CPU part", "Features")
+    fields = {}
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            key = key.strip()
+            if key in wanted and key not in fields:
+                fields[key] = " ".join(sorted(value.split())) if key in ("flags", "Features") else value.strip()
+    except OSError:
+        pass
+    identity = repr(sorted(fields.items())) if fields else f"{platform.machine()} {platform.processor()}"
+    return hashlib.sha256(identity.encode()).hexdigest()[:10]
+
+
 # No FMA contraction: LayerNorm's dx = g*w - mean(g*w) - ... must cancel exactly when N = 1. The C++ standard is left
 # to torch (C++17 or C++20 by version).
-CXX_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
+CXX_FLAGS = ["-O3", f"-march={target_march()}", "-ffp-contract=off", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 HEADER_SUFFIXES = (".h", ".cuh")
 OPS = ("layer_norm_fwd", "layer_norm_bwd", "attention_fwd", "attention_bwd")
@@ -66,7 +103,8 @@ def _use_cuda_home(home):
 
 
 def _stamp(with_cuda):
-    return f"chargpt-build:torch={torch.__version__};cuda={int(with_cuda)};".encode()
+    return (f"chargpt-build:torch={torch.__version__};cuda={int(with_cuda)};march={target_march()};"
+            f"cpu={cpu_key()};").encode()
 
 
 def _prebuilt(want_cuda):
@@ -82,8 +120,10 @@ def _jit_build(with_cuda):
     import torch.utils.cpp_extension as cpp_extension
 
     variant = "cuda" if with_cuda else "cpu"
+    march = target_march()
+    _check_march(march)
     base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
-    build_dir = os.path.join(base, f"torch-{torch.__version__}-{variant}")
+    build_dir = os.path.join(base, f"torch-{torch.__version__}-{variant}-{march}-{cpu_key()}")
     os.makedirs(build_dir, exist_ok=True)
     sources = cpp_sources() + (cuda_sources() if with_cuda else [])
     built = glob.glob(os.path.join(build_dir, f"chargpt_ext_{variant}*.so"))
@@ -91,10 +131,11 @@ def _jit_build(with_cuda):
     headers = [p for p in glob.glob(str(CSRC / "**" / "*"), recursive=True) if p.endswith(HEADER_SUFFIXES)]
     newest_source = max(os.path.getmtime(p) for p in sources + headers)
     if not built or max(os.path.getmtime(p) for p in built) < newest_source:  # else ninja has nothing to do
-        print(f"kernels: compiling the chargpt {'C++/CUDA' if with_cuda else 'C++'} extension (first use, cached in "
-              f"{build_dir})", file=sys.stderr, flush=True)
+        print(f"kernels: compiling the chargpt {'C++/CUDA' if with_cuda else 'C++'} extension for -march={march} "
+              f"(first use, cached in {build_dir})", file=sys.stderr, flush=True)
+    cxx_flags = [f"-march={march}" if flag.startswith("-march=") else flag for flag in CXX_FLAGS]
     cpp_extension.load(
-        name=f"chargpt_ext_{variant}", sources=sources, extra_cflags=CXX_FLAGS, extra_ldflags=["-fopenmp"],
+        name=f"chargpt_ext_{variant}", sources=sources, extra_cflags=cxx_flags, extra_ldflags=["-fopenmp"],
         extra_cuda_cflags=NVCC_FLAGS, extra_include_paths=[str(CSRC)], build_directory=build_dir,
         is_python_module=False, verbose=False)
 

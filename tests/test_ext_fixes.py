@@ -10,6 +10,9 @@ bounds are the same pattern.
 
 import ast
 import os
+import platform
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -235,3 +238,67 @@ def test_small_jobs_open_no_parallel_region(tmp_path):
     small, large = (ast.literal_eval(line) for line in run.stdout.strip().splitlines()[-2:])
     assert all(n > 0 for n in large.values()), f"the counter saw no region in large jobs: {large}"
     assert all(n == 0 for n in small.values()), f"small jobs opened OpenMP parallel regions: {small}"
+
+
+_PORTABLE_BUILD_CHECK = """
+import torch, kernels
+from kernels import ext_build, reference
+from kernels.backends import unavailable_reason
+assert unavailable_reason("ext") is None, unavailable_reason("ext")
+gen = torch.Generator().manual_seed(0)
+x = torch.randn(37, 300, generator=gen, requires_grad=True)
+w, b = torch.randn(2, 300, generator=gen).requires_grad_().unbind(0)
+y = kernels.layer_norm(x, (300,), w, b, backend="ext")
+q, k, v = (torch.randn(2, 3, 70, 40, generator=gen, requires_grad=True) for _ in range(3))
+out = kernels.causal_attention(q, k, v, dropout_p=0.0, backend="ext")
+got = [y, *torch.autograd.grad(y.sum(), (x, w, b)), out, *torch.autograd.grad(out.sum(), (q, k, v))]
+x64, w64, b64, q64, k64, v64 = (t.detach().double().requires_grad_() for t in (x, w, b, q, k, v))
+y64 = reference.layer_norm(x64, w64, b64, 1e-5)
+out64 = reference.attention(q64, k64, v64, True)
+want = [y64, *torch.autograd.grad(y64.sum(), (x64, w64, b64)), out64,
+        *torch.autograd.grad(out64.sum(), (q64, k64, v64))]
+for a, e in zip(got, want):
+    torch.testing.assert_close(a.double(), e, rtol=1e-4, atol=1e-4 * max(1.0, e.abs().max().item()))
+import glob, os
+print(*glob.glob(os.environ["CHARGPT_EXT_DIR"] + "/*/chargpt_ext_cpu*.so"), sep="\\n")
+"""
+
+
+def _cpu_flags():
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
+@pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
+def test_portable_builds_give_the_same_answers(march):
+    """CHARGPT_EXT_MARCH builds the C++ kernels for a chosen target (an AVX2 laptop: x86-64-v3; SSE4.2 only:
+    x86-64-v2) into a cache directory of its own, keyed by the target and the CPU; each build's LayerNorm and
+    attention, forward and backward, match float64, and the binary has no AVX-512 (simd.h's fallback paths compile).
+    One C++ build per target (~20-60 s, cached under <ext cache>/march-check for later runs)."""
+    if platform.machine() not in ("x86_64", "AMD64"):
+        pytest.skip("x86-64 targets")
+    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
+        pytest.skip("this CPU cannot run x86-64-v3 code")
+    base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
+    env = dict(os.environ, CHARGPT_EXT_MARCH=march, CHARGPT_EXT_DIR=os.path.join(base, "march-check"))
+    run = subprocess.run([sys.executable, "-c", _PORTABLE_BUILD_CHECK], env=env, capture_output=True, text=True,
+                         timeout=900, cwd=Path(__file__).resolve().parent.parent)
+    assert run.returncode == 0, run.stderr[-3000:]
+    libs = [line for line in run.stdout.splitlines() if line.endswith(".so") and f"-cpu-{march}-" in line]
+    assert libs, f"no build in a {march} cache directory: {run.stdout}"
+    objdump = shutil.which("objdump")
+    if objdump:
+        asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", libs[0]], capture_output=True, text=True).stdout
+        assert not re.search(r"%zmm\d", asm), f"the {march} build uses AVX-512 registers"
+        if march == "x86-64-v2":
+            assert not re.search(r"%ymm\d", asm), "the x86-64-v2 build uses AVX registers"
+
+
+def test_bad_march_value_says_so(tmp_path):
+    env = dict(os.environ, CHARGPT_EXT_MARCH="native -O0", CHARGPT_EXT_DIR=str(tmp_path))
+    code = "from kernels.backends import unavailable_reason; print(unavailable_reason('ext'))"
+    run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert "CHARGPT_EXT_MARCH='native -O0' is not a -march value" in run.stdout, run.stdout + run.stderr[-1000:]

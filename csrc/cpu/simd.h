@@ -1,5 +1,6 @@
 // 16-lane float vectors through GCC/Clang vector extensions: with -march=native they become AVX-512 (or pairs of
-// AVX2) registers without tying the code to one ISA's intrinsics. Reductions run lane by lane in a fixed order,
+// AVX2, or quads of SSE) registers without tying the code to one ISA's intrinsics; the few intrinsics below have a
+// portable fallback (CHARGPT_EXT_MARCH picks the target, see kernels/ext_build.py). Reductions run lane by lane in a fixed order,
 // so results never depend on the thread count.
 #pragma once
 
@@ -66,10 +67,12 @@ inline vfloat fma(vfloat a, vfloat b, vfloat c) {
   vfloat out;
   std::memcpy(&out, &r, sizeof out);
   return out;
-#else
-  vfloat out;
+#elif defined(__FMA__)
+  vfloat out;  // becomes vfmadd on each half (AVX2 + FMA, e.g. -march=x86-64-v3)
   for (int i = 0; i < kWidth; ++i) out[i] = std::fma(a[i], b[i], c[i]);
   return out;
+#else
+  return a * b + c;  // no FMA unit (e.g. x86-64-v2): std::fma would be a libm call per lane; two roundings instead
 #endif
 }
 // max(a, b) that keeps a NaN of either side (a > b ? a : b alone drops a NaN in a), so one NaN score makes its
