@@ -178,3 +178,47 @@ def test_attention_rows_that_see_no_key_give_zero(case):
     assert (out[0, 1, row] == 0).all(), out[0, 1, row]
     if case.startswith("q-row"):
         assert (dq[0, 1, row] == 0).all() and dv.isfinite().all(), (dq[0, 1, row], dv.isnan().sum())
+
+
+# --- Zero-size inputs: empty (or, with no keys, zero) outputs, no crash -----------------------------------------
+
+@pytest.mark.parametrize("affine", [True, False], ids=["affine", "plain"])
+@pytest.mark.parametrize("shape", [(0, 8), (3, 0), (0, 0)], ids=lambda s: "x".join(map(str, s)))
+def test_layer_norm_zero_size(shape, affine):
+    import torch.nn.functional as F
+
+    from kernels import triton_layer_norm
+
+    x = torch.randn(*shape, device=DEVICE)
+    params = [torch.randn(shape[1], device=DEVICE) for _ in range(2)] if affine else [None, None]
+    inputs = [t for t in (x, *params) if t is not None]
+
+    def run(fn):
+        leaves = [t.detach().requires_grad_() for t in inputs]
+        w, b = (leaves[1], leaves[2]) if affine else (None, None)
+        y = fn(leaves[0], w, b)
+        return (y, *torch.autograd.grad(y, leaves, torch.ones_like(y)))
+
+    got = run(lambda x, w, b: triton_layer_norm.layer_norm(x, w, b, 1e-5))
+    want = run(lambda x, w, b: F.layer_norm(x, (shape[1],), w, b, 1e-5))
+    for what, a, e in zip(("y", "dx", "dw", "db"), got, want):
+        assert a.shape == e.shape and torch.equal(a, e), f"{what}: {a} != {e}"
+
+
+@pytest.mark.parametrize("q_shape,kv_shape", [((0, 2, 5, 8), (0, 2, 5, 8)), ((1, 0, 5, 8), (1, 0, 5, 8)),
+                                              ((1, 2, 0, 8), (1, 2, 5, 8)), ((1, 2, 5, 8), (1, 2, 0, 8)),
+                                              ((1, 2, 5, 0), (1, 2, 5, 0))],
+                         ids=["B=0", "H=0", "Tq=0", "Tk=0", "D=0"])
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
+def test_attention_zero_size(q_shape, kv_shape, is_causal):
+    """Empty in, empty out; with no keys (Tk = 0) every row sees no key, so the output and dq are 0, like torch."""
+    import torch.nn.functional as F
+
+    from kernels import triton_attention
+
+    inputs = [torch.randn(*shape, device=DEVICE) for shape in (q_shape, kv_shape, kv_shape)]
+    got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, is_causal, 0.0, 0.3), inputs)
+    want, _ = _grads(lambda q, k, v: F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, scale=0.3),
+                     inputs, grad)
+    for what, a, e in zip(("out", "dq", "dk", "dv"), got, want):
+        assert a.shape == e.shape and torch.equal(a, e), f"{what}: {a} != {e}"
