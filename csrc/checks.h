@@ -51,6 +51,99 @@ inline void check_layer_norm_bwd_args(const at::Tensor& grad_out, const at::Tens
   }
 }
 
+// rms_norm and add_norm: the rows and parameters layer_norm takes; add_norm also a residual like x, a norm kind
+// ("layer" or "rms", returned as rms = true/false) and dropout with its seed.
+inline void check_norm_rows(const char* op, const at::Tensor& x, const char* name = "x") {
+  TORCH_CHECK(x.dim() == 2, op, ": ", name, " must be 2-D (M, N), got ", x.dim(), "-D");
+  TORCH_CHECK(x.size(1) >= 1, op, ": ", name, " must have N >= 1 columns, got shape ", x.sizes());
+}
+
+inline void check_norm_like(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.sizes() == x.sizes(), op, ": ", name, " has shape ", t.sizes(), " but x has ", x.sizes());
+  check_same(t, x, op, name);
+}
+
+inline void check_norm_param(const char* op, const std::optional<at::Tensor>& t, const char* name,
+                             const at::Tensor& x) {
+  if (!t.has_value()) return;
+  TORCH_CHECK(t->dim() == 1 && t->size(0) == x.size(1), op, ": ", name, " must have shape (", x.size(1), ",), got ",
+              t->sizes());
+  check_same(*t, x, op, name);
+}
+
+inline void check_norm_stat(const char* op, const at::Tensor& t, const char* name, const at::Tensor& x) {
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), op, ": ", name, " must have shape (", x.size(0), ",), got ",
+              t.sizes());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, op, ": ", name, " must be float32, got ", t.scalar_type());
+  TORCH_CHECK(t.device() == x.device(), op, ": ", name, " is on ", t.device(), " but x is on ", x.device());
+}
+
+inline void check_norm_eps(const char* op, double eps) {
+  TORCH_CHECK(std::isfinite(eps) && eps > 0, op, ": eps must be a positive number, got ", eps);
+}
+
+inline bool check_norm_kind(const char* op, c10::string_view norm) {
+  TORCH_CHECK(norm == "layer" || norm == "rms", op, ": norm must be 'layer' or 'rms', got '", norm, "'");
+  return norm == "rms";
+}
+
+inline void check_norm_dropout(const char* op, double dropout_p, const std::optional<at::Tensor>& seed,
+                               const at::Tensor& x) {
+  TORCH_CHECK(dropout_p >= 0.0 && dropout_p < 1.0, op, ": dropout_p must be in [0, 1), got ", dropout_p);
+  if (dropout_p == 0.0) return;
+  TORCH_CHECK(seed.has_value(), op, ": dropout_p > 0 needs a seed tensor");
+  TORCH_CHECK(seed->numel() == 1 && seed->scalar_type() == at::kLong, op,
+              ": seed must be a 1-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
+  TORCH_CHECK(seed->device() == x.device(), op, ": seed is on ", seed->device(), " but x is on ", x.device());
+}
+
+inline void check_rms_norm_fwd_args(const at::Tensor& x, const std::optional<at::Tensor>& weight, double eps) {
+  const char* op = "chargpt::rms_norm_fwd";
+  check_norm_rows(op, x);
+  check_norm_eps(op, eps);
+  check_norm_param(op, weight, "weight", x);
+}
+
+inline void check_rms_norm_bwd_args(const at::Tensor& grad_out, const at::Tensor& x,
+                                    const std::optional<at::Tensor>& weight, const at::Tensor& rstd) {
+  const char* op = "chargpt::rms_norm_bwd";
+  check_norm_rows(op, x);
+  check_norm_like(op, grad_out, "grad_out", x);
+  check_norm_param(op, weight, "weight", x);
+  check_norm_stat(op, rstd, "rstd", x);
+}
+
+inline bool check_add_norm_fwd_args(const at::Tensor& x, const at::Tensor& residual,
+                                    const std::optional<at::Tensor>& weight, const std::optional<at::Tensor>& bias,
+                                    double eps, c10::string_view norm, double dropout_p,
+                                    const std::optional<at::Tensor>& seed) {
+  const char* op = "chargpt::add_norm_fwd";
+  check_norm_rows(op, x);
+  check_norm_like(op, residual, "residual", x);
+  check_norm_eps(op, eps);
+  const bool rms = check_norm_kind(op, norm);
+  TORCH_CHECK(!(rms && bias.has_value()), op, ": norm 'rms' takes no bias");
+  check_norm_param(op, weight, "weight", x);
+  check_norm_param(op, bias, "bias", x);
+  check_norm_dropout(op, dropout_p, seed, x);
+  return rms;
+}
+
+inline bool check_add_norm_bwd_args(const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h,
+                                    const at::Tensor& h, const std::optional<at::Tensor>& weight,
+                                    const at::Tensor& mean, const at::Tensor& rstd, c10::string_view norm,
+                                    double dropout_p, const std::optional<at::Tensor>& seed) {
+  const char* op = "chargpt::add_norm_bwd";
+  check_norm_rows(op, h, "h");
+  check_norm_like(op, grad_y, "grad_y", h);
+  if (grad_h.has_value()) check_norm_like(op, *grad_h, "grad_h", h);
+  check_norm_param(op, weight, "weight", h);
+  check_norm_stat(op, mean, "mean", h);
+  check_norm_stat(op, rstd, "rstd", h);
+  check_norm_dropout(op, dropout_p, seed, h);
+  return check_norm_kind(op, norm);
+}
+
 constexpr int64_t kMaxHeadDim = 256;
 
 inline void check_attention_args(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,

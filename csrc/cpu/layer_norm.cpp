@@ -1,16 +1,23 @@
-// LayerNorm on CPU (float32): rows in parallel with at::parallel_for (jobs past kParallelGrain elements), 16-lane
-// vectors within a row.
-//   forward : statistics per row (sum, then squared deviations: the row is read from memory once and re-read
-//             from L1), then normalise and apply the affine in one sweep.
-//   backward: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per row; dW = sum g*xhat and dB = sum g
-//             as partial sums over fixed chunks of rows, reduced once in chunk order, so the result is the same
-//             for any thread count.
+// The norm family on CPU (float32): LayerNorm, RMSNorm, and add_norm (h = residual + dropout(x), y = norm(h)).
+// Rows in parallel (jobs past kParallelGrain elements of work, blocks handed out dynamically), native-width vectors (vec.h)
+// within a row. One statistics helper and one affine helper serve all three: RMSNorm is LayerNorm with the mean
+// fixed at 0 and no bias, and add_norm normalises the h it has just built (in a scratch row in L1) exactly as
+// layer_norm/rms_norm normalise x.
+//   forward : h (add_norm only: written out, and kept in L1), statistics per row (sum, then squared deviations),
+//             then normalise and apply the affine in one sweep. Memory: read x (and residual), write y (and h).
+//   backward: dx = rstd * (g*w - mean(g*w) - xhat * mean(g*w*xhat)) per row (RMSNorm: without the mean(g*w) term),
+//             add_norm adds h's own gradient and, with dropout, also writes x's gradient through the dropout mask,
+//             regenerated from the seed. dW = sum g*xhat and dB = sum g as partial sums over fixed chunks of rows,
+//             reduced once in chunk order, so the result is the same for any thread count.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
+#include <initializer_list>
+#include <type_traits>
 #include <vector>
 
 #include "../checks.h"
@@ -18,103 +25,161 @@
 #include "buffer_pool.h"
 #include "parallel.h"
 #include "simd.h"
+#include "vec.h"
 
 namespace chargpt {
 namespace {
 
-using simd::kWidth;
-using simd::vfloat;
+using vec::kWidth;  // native-width vectors (vec.h), not simd.h's 16 lanes: see vec.h for why
+using vec::vfloat;
 
 constexpr int64_t kMinElementsPerChunk = 16384;  // of a dW/dB partial-sum chunk: amortises its partials
+constexpr int64_t kDropoutWork = 4;  // Philox's cost per element, in elements of the rest (measured: ~4x)
+constexpr int kRows = 4;                        // rows per group for short rows (independent dependency chains)
+constexpr int64_t kShortRow = 512;              // rows up to this length go kRows at a time
 
 // Outputs much larger than the L2 caches are written with non-temporal stores: the write-allocate read of each
 // line is skipped (a third of a plain store's traffic), and the output would not stay in cache anyway. Smaller
 // outputs stay cached for the next op to read.
 inline bool streaming_output(int64_t m, int64_t n) { return m * n * static_cast<int64_t>(sizeof(float)) >= (8 << 20); }
 
-// Mean and M2 (sum of squared deviations) of a row, two sweeps over it: the sum, then the squared deviations
-// from the mean. The row is read from memory once: the second sweep hits L1 (a row of N floats fits for N up to
-// ~12K, L2 beyond). Numerically this is the textbook two-pass algorithm, at least as accurate as Welford, and
-// without Welford's per-block division and its dependent update chain. Four vector accumulators hide the add
-// latency; the lanes are summed in a fixed tree order.
-// R rows at once (R independent dependency chains for short rows); each row's arithmetic is the same for every R,
-// so how rows are grouped (which depends on the thread split) never changes a result.
+inline int64_t padded(int64_t n) { return (n + kWidth - 1) / kWidth * kWidth; }
+
+// Prefetch the cache line holding p[j] (into L1), once per line when a vector is shorter than a line.
+inline void prefetch_line(const float* p, int64_t j) {
+  if (kWidth * 4 >= 64 || j % 16 == 0) simd::prefetch(p + j);
+}
+
+// Store a vector, streamed when asked (the caller checked the row is 64-byte aligned). A run-time flag: the branch
+// is the same for a whole row, and it halves the kernel instances.
+inline void put(float* p, vfloat v, bool stream) {
+  if (stream) vec::store_stream(p, v);
+  else vec::store(p, v);
+}
+
+// body(begin, end) over [0, n) in parallel when n > grain iterations, else on the calling thread (small jobs open
+// no parallel region). Blocks of iterations are handed out through an atomic counter rather than split statically as
+// at::parallel_for does: on a busy machine a thread whose core is shared then takes fewer blocks instead of holding up
+// the others (measured on the 2-core machine under load). Which thread runs a block never changes a result.
+template <typename F>
+void parallel_blocks(int64_t n, int64_t grain, const F& body) {
+  const int threads = at::get_num_threads();
+  if (n <= grain || threads == 1 || at::in_parallel_region()) return body(int64_t{0}, n);
+  const int64_t block = std::max<int64_t>(grain, (n + 8 * threads - 1) / (8 * threads));  // ~8 blocks a thread
+  const int64_t blocks = (n + block - 1) / block;
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, blocks, 1, [&](int64_t, int64_t) {  // each thread drains the counter, whatever its share
+    for (int64_t b = next++; b < blocks; b = next++) body(b * block, std::min(n, (b + 1) * block));
+  });
+}
+
+// Calls f(std::bool_constant<b>...) for the run-time flags b...: one template instance per combination.
+template <bool... kDone, typename F>
+void with_flags(F&& f) {
+  f(std::bool_constant<kDone>{}...);
+}
+template <bool... kDone, typename F, typename... Rest>
+void with_flags(F&& f, bool flag, Rest... rest) {
+  if (flag) with_flags<kDone..., true>(f, rest...);
+  else with_flags<kDone..., false>(f, rest...);
+}
+
+// Independent accumulators per row: 4 hide the add latency with 32 vector registers (AVX-512); with 16 (AVX2), 4 rows
+// of 4 would spill, so 2. The same count for every R, so a row's sums do not depend on its group.
+constexpr int kAcc = kWidth == 16 ? 4 : 2;
+
+template <int A>
+inline vfloat sum_accumulators(const vfloat (&acc)[A]) {
+  if constexpr (A == 4) return (acc[0] + acc[1]) + (acc[2] + acc[3]);
+  else return acc[0] + acc[1];
+}
+
+// Mean and M2 (sum of squared deviations) of R rows; RMSNorm (kRms) takes the mean as 0, so M2 is the sum of
+// squares. Two sweeps: the sum, then the squared deviations from the mean; the row is read from memory once and
+// the second sweep hits L1 (a row of N floats fits for N up to ~12K, L2 beyond). Numerically the textbook two-pass
+// algorithm, at least as accurate as Welford without its dependent division chain. Lanes are summed in a fixed tree
+// order. R rows at once (R independent dependency chains for short rows); each row's arithmetic is the same for
+// every R, so how rows are grouped (which depends on the thread split) never changes a result.
 // kShift sums x - x[0] instead of x (shifted data): a constant row then sums to exactly 0, so its mean is exactly
 // x[0], its deviations exactly 0, and it normalises to exactly 0 for any eps; and a large offset no longer swamps
-// small deviations. It costs a subtraction per element and, for R = 4 on AVX2, registers (~20-30% on such rows,
-// measured), so only the rows that need it take it (rows_moments below).
-template <int R, bool kShift>
+// small deviations. It costs a subtraction per element and registers, so only the rows that need it take it
+// (rows_moments below).
+template <int R, bool kShift, bool kRms>
 inline void two_pass_moments(const float* const* x, int64_t n, float* mean_out, float* m2_out) {
-  constexpr int64_t kBlock = 4 * kWidth;
+  constexpr int64_t kBlock = kAcc * kWidth;
   const int64_t nb = n / kBlock * kBlock, nv = n / kWidth * kWidth;
-  const float inv_n = 1.f / static_cast<float>(n);
-  float origin[R];
-  for (int r = 0; r < R; ++r) origin[r] = kShift ? x[r][0] : 0.f;
-  vfloat acc[R][4] = {};
-  for (int64_t j = 0; j < nb; j += kBlock)
-    for (int r = 0; r < R; ++r)
-      for (int a = 0; a < 4; ++a) {
-        const vfloat v = simd::load(x[r] + j + a * kWidth);
-        acc[r][a] += kShift ? v - origin[r] : v;
+  float mu[R] = {};
+  if constexpr (!kRms) {
+    const float inv_n = 1.f / static_cast<float>(n);
+    float origin[R];
+    for (int r = 0; r < R; ++r) origin[r] = kShift ? x[r][0] : 0.f;
+    vfloat acc[R][kAcc] = {};
+    for (int64_t j = 0; j < nb; j += kBlock)
+      for (int r = 0; r < R; ++r)
+        for (int a = 0; a < kAcc; ++a) {
+          const vfloat v = vec::load(x[r] + j + a * kWidth);
+          acc[r][a] += kShift ? v - origin[r] : v;
+        }
+    for (int64_t j = nb; j < nv; j += kWidth)
+      for (int r = 0; r < R; ++r) {
+        const vfloat v = vec::load(x[r] + j);
+        acc[r][0] += kShift ? v - origin[r] : v;
       }
-  for (int64_t j = nb; j < nv; j += kWidth)
     for (int r = 0; r < R; ++r) {
-      const vfloat v = simd::load(x[r] + j);
-      acc[r][0] += kShift ? v - origin[r] : v;
+      float sum = vec::reduce_add(sum_accumulators(acc[r]));
+      for (int64_t j = nv; j < n; ++j) sum += kShift ? x[r][j] - origin[r] : x[r][j];
+      mu[r] = kShift ? origin[r] + sum * inv_n : sum * inv_n;
     }
-  float mu[R];
-  for (int r = 0; r < R; ++r) {
-    float sum = simd::reduce_add((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
-    for (int64_t j = nv; j < n; ++j) sum += kShift ? x[r][j] - origin[r] : x[r][j];
-    mu[r] = kShift ? origin[r] + sum * inv_n : sum * inv_n;
   }
-  vfloat sq[R][4] = {};
+  vfloat sq[R][kAcc] = {};
   for (int64_t j = 0; j < nb; j += kBlock)
     for (int r = 0; r < R; ++r)
-      for (int a = 0; a < 4; ++a) {
-        const vfloat d = simd::load(x[r] + j + a * kWidth) - mu[r];
-        sq[r][a] = simd::fma(d, d, sq[r][a]);
+      for (int a = 0; a < kAcc; ++a) {
+        const vfloat d = vec::load(x[r] + j + a * kWidth) - mu[r];
+        sq[r][a] = vec::fma(d, d, sq[r][a]);
       }
   for (int64_t j = nb; j < nv; j += kWidth)
     for (int r = 0; r < R; ++r) {
-      const vfloat d = simd::load(x[r] + j) - mu[r];
-      sq[r][0] = simd::fma(d, d, sq[r][0]);
+      const vfloat d = vec::load(x[r] + j) - mu[r];
+      sq[r][0] = vec::fma(d, d, sq[r][0]);
     }
   for (int r = 0; r < R; ++r) {
-    float m2 = simd::reduce_add((sq[r][0] + sq[r][1]) + (sq[r][2] + sq[r][3]));
+    float m2 = vec::reduce_add(sum_accumulators(sq[r]));
     for (int64_t j = nv; j < n; ++j) m2 = std::fma(x[r][j] - mu[r], x[r][j] - mu[r], m2);
     mean_out[r] = mu[r];
     m2_out[r] = m2;
   }
 }
 
-// Mean and M2 of R rows. A row whose spread is tiny next to its mean (sigma < |mean| / 256; constant rows above all)
-// loses its deviations to the rounding of the plain sum: a few ulps of the mean, divided by sqrt(eps) = 1e-6 for
-// BERT's eps, gave outputs of 0.01-1 instead of 0. Such rows (and NaN ones) are redone with shifted sums, from
-// cache; other rows never are, so they keep their speed and their bits.
-template <int R>
+// Mean and M2 of R rows (RMSNorm: 0 and the sum of squares). A row whose spread is tiny next to its mean
+// (sigma < |mean| / 256; constant rows above all) loses its deviations to the rounding of the plain sum: a few ulps
+// of the mean, divided by sqrt(eps) = 1e-6 for BERT's eps, gave outputs of 0.01-1 instead of 0. Such rows (and NaN
+// ones) are redone with shifted sums, from cache; other rows never are, so they keep their speed and their bits.
+template <int R, bool kRms>
 inline void rows_moments(const float* const* x, int64_t n, float* mean_out, float* m2_out) {
-  two_pass_moments<R, false>(x, n, mean_out, m2_out);
-  for (int r = 0; r < R; ++r) {
-    const float mu = mean_out[r];
-    if (!(m2_out[r] > static_cast<float>(n) * (mu * mu) * 0x1p-16f))
-      two_pass_moments<1, true>(&x[r], n, &mean_out[r], &m2_out[r]);
+  two_pass_moments<R, false, kRms>(x, n, mean_out, m2_out);
+  if constexpr (!kRms) {
+    for (int r = 0; r < R; ++r) {
+      const float mu = mean_out[r];
+      if (!(m2_out[r] > static_cast<float>(n) * (mu * mu) * 0x1p-16f))
+        two_pass_moments<1, true, false>(&x[r], n, &mean_out[r], &m2_out[r]);
+    }
   }
 }
 
-// y = (x - mean) * rstd * w + b over one row, prefetching the row `ahead` (one cache line per vector).
-template <bool kWeight, bool kBias, bool kStream>
+// y = (x - mean) * rstd * w + b over one row (RMSNorm: mean 0, no b), prefetching the row `ahead` (one cache line
+// per vector).
+template <bool kWeight, bool kBias>
 void normalize_row(const float* x, float* y, const float* w, const float* b, int64_t n, float mean, float rstd,
-                   const float* ahead) {
+                   const float* ahead, bool stream) {
   const int64_t nv = n / kWidth * kWidth;
   for (int64_t j = 0; j < nv; j += kWidth) {
-    simd::prefetch(ahead + j);
-    vfloat v = (simd::load(x + j) - mean) * rstd;
-    if constexpr (kWeight && kBias) v = simd::fma(v, simd::load(w + j), simd::load(b + j));
-    else if constexpr (kWeight) v *= simd::load(w + j);
-    else if constexpr (kBias) v += simd::load(b + j);
-    if constexpr (kStream) simd::store_stream(y + j, v);
-    else simd::store(y + j, v);
+    prefetch_line(ahead, j);
+    vfloat v = (vec::load(x + j) - mean) * rstd;
+    if constexpr (kWeight && kBias) v = vec::fma(v, vec::load(w + j), vec::load(b + j));
+    else if constexpr (kWeight) v *= vec::load(w + j);
+    else if constexpr (kBias) v += vec::load(b + j);
+    put(y + j, v, stream);
   }
   for (int64_t j = nv; j < n; ++j) {
     float v = (x[j] - mean) * rstd;
@@ -125,216 +190,398 @@ void normalize_row(const float* x, float* y, const float* w, const float* b, int
   }
 }
 
-template <bool kWeight, bool kBias>
-void forward_rows(const float* x, int64_t x_row_stride, float* y, const float* w, const float* b, float* mean,
-                  float* rstd, int64_t m, int64_t n, float eps) {
-  const int64_t grain = parallel_grain(n);  // rows
+// The dropout factors of one row: z[j] = 1/(1-p) if philox_uniform(seed, base + j) >= p else 0 (z has room for n
+// rounded up to 16). Meanwhile the same columns of up to three rows `ahead` are prefetched: Philox is compute-bound,
+// so the next rows' loads from memory overlap it instead of following it.
+void dropout_factors_row(float* z, int64_t n, uint64_t seed, uint64_t base, const DropoutArgs& drop,
+                         std::initializer_list<const float*> ahead) {
+  constexpr int kVectors = vec::kDraws / kWidth;
+  for (int64_t j = 0; j < n; j += vec::kDraws) {
+    for (const float* a : ahead)
+      if (a != nullptr) simd::prefetch(a + j);  // 16 floats: one cache line
+    vfloat u[kVectors];
+    vec::uniforms16(seed, base + static_cast<uint64_t>(j), u);
+    for (int v = 0; v < kVectors; ++v)
+      vec::store(z + j + v * kWidth, u[v] >= drop.p ? vec::splat(drop.keep_scale) : vec::splat(0.f));
+  }
+}
+
+inline int64_t padded_draws(int64_t n) { return (n + vec::kDraws - 1) / vec::kDraws * vec::kDraws; }
+
+// add_norm's h = residual + x * z for one row (z: the dropout factors 0 or 1/(1-p), null without dropout), into
+// h (the output) and into hs (scratch, where the statistics and the normalisation read it from L1). x * 0 keeps a
+// NaN of x, as torch's dropout does. Prefetches the rows ahead of x and residual.
+void residual_add_row(const float* x, const float* res, const float* z, float* h, float* hs, int64_t n, bool stream,
+                      const float* x_ahead, const float* res_ahead) {
+  const int64_t nv = n / kWidth * kWidth;
+  for (int64_t j = 0; j < nv; j += kWidth) {
+    prefetch_line(x_ahead, j);
+    prefetch_line(res_ahead, j);
+    vfloat v = vec::load(x + j);
+    if (z != nullptr) v *= vec::load(z + j);
+    v = vec::load(res + j) + v;
+    vec::store(hs + j, v);
+    put(h + j, v, stream);
+  }
+  for (int64_t j = nv; j < n; ++j) {
+    const float v = res[j] + (z != nullptr ? x[j] * z[j] : x[j]);
+    hs[j] = v;
+    h[j] = v;
+  }
+}
+
+// What a forward reads besides x: add_norm's residual (then it normalises h = residual + dropout(x) and writes h).
+struct ResidualInput {
+  const float* residual = nullptr;  // null: normalise x itself
+  int64_t residual_stride = 0;
+  float* h = nullptr;
+  DropoutArgs drop;
+  uint64_t seed = 0;
+};
+
+template <bool kWeight, bool kBias, bool kRms>
+void forward_rows(const float* x, int64_t x_row_stride, const ResidualInput& add, float* y, const float* w,
+                  const float* b, float* mean, float* rstd, int64_t m, int64_t n, float eps) {
   const bool stream = streaming_output(m, n);
-  at::parallel_for(0, m, grain, [&](int64_t begin, int64_t end) {
-    // Statistics stored, row r normalised, and the row `distance` rows on prefetched.
-    auto finish = [&](int64_t r, float mu, float m2, int64_t distance) {
+  const bool adding = add.residual != nullptr, dropout = adding && add.drop.p > 0.f;
+  const int64_t grain = parallel_grain(dropout ? kDropoutWork * n : n);  // rows
+  const int group = n <= kShortRow ? kRows : 1;
+  parallel_blocks(m, grain, [&](int64_t begin, int64_t end) {
+    // add_norm: h of the group's rows and the dropout factors, in L1.
+    std::vector<float> scratch(adding ? group * padded(n) : 0), factors(dropout ? padded_draws(n) : 0);
+    // The row to normalise: x's row r, or add_norm's h of it (built now into scratch row i).
+    auto source = [&](int64_t r, int i, int64_t distance) -> const float* {
       const float* xr = x + r * x_row_stride;
-      const float* ahead = r + distance < end ? xr + distance * x_row_stride : xr;
+      if (!adding) return xr;
+      const float* res = add.residual + r * add.residual_stride;
+      const int64_t ahead = r + distance < end ? distance : 0;
+      float* h = add.h + r * n;
+      if (dropout)
+        dropout_factors_row(factors.data(), n, add.seed, static_cast<uint64_t>(r * n), add.drop,
+                            {xr + ahead * x_row_stride, res + ahead * add.residual_stride});
+      float* hs = scratch.data() + i * padded(n);
+      residual_add_row(xr, res, dropout ? factors.data() : nullptr, h, hs, n, stream && vec::aligned(h),
+                       xr + ahead * x_row_stride, res + ahead * add.residual_stride);
+      return hs;
+    };
+    // Statistics stored, the row normalised into y, and (plain path) the row `distance` rows on prefetched.
+    auto finish = [&](int64_t r, const float* row, float mu, float m2, int64_t distance) {
+      const float* ahead = adding ? row : (r + distance < end ? row + distance * x_row_stride : row);
       const float rs = 1.f / std::sqrt(m2 / static_cast<float>(n) + eps);
-      mean[r] = mu;
+      if (mean != nullptr) mean[r] = mu;
       rstd[r] = rs;
       float* yr = y + r * n;
-      if (stream && simd::aligned64(yr)) normalize_row<kWeight, kBias, true>(xr, yr, w, b, n, mu, rs, ahead);
-      else normalize_row<kWeight, kBias, false>(xr, yr, w, b, n, mu, rs, ahead);
+      normalize_row<kWeight, kBias>(row, yr, w, b, n, mu, rs, ahead, stream && vec::aligned(yr));
     };
-    constexpr int kRows = 4;
     int64_t r = begin;
-    if (n <= 512) {  // short rows: four at a time
+    if (group == kRows) {
       for (; r + kRows <= end; r += kRows) {
         const float* rows[kRows];
         float mu[kRows], m2[kRows];
-        for (int i = 0; i < kRows; ++i) rows[i] = x + (r + i) * x_row_stride;
-        rows_moments<kRows>(rows, n, mu, m2);
-        for (int i = 0; i < kRows; ++i) finish(r + i, mu[i], m2[i], kRows);
+        for (int i = 0; i < kRows; ++i) rows[i] = source(r + i, i, kRows);
+        rows_moments<kRows, kRms>(rows, n, mu, m2);
+        for (int i = 0; i < kRows; ++i) finish(r + i, rows[i], mu[i], m2[i], kRows);
       }
     }
     for (; r < end; ++r) {
-      const float* row = x + r * x_row_stride;
+      const float* row = source(r, 0, 1);
       float mu, m2;
-      rows_moments<1>(&row, n, &mu, &m2);
-      finish(r, mu, m2, 1);
+      rows_moments<1, kRms>(&row, n, &mu, &m2);
+      finish(r, row, mu, m2, 1);
     }
     if (stream) simd::stream_fence();
   });
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x_in,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const std::optional<at::Tensor>& bias,
-                                                                  double eps) {
-  check_layer_norm_fwd_args(x_in, weight, bias, eps);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "chargpt::layer_norm_fwd on CPU supports float32, got ",
-              x_in.scalar_type());
-  // Strided columns (a slice like x[..., ::2]) are copied once: the vector loads need unit stride.
-  const at::Tensor x = unit_last_dim(x_in);
+// The forward of every op of the family: y, h (add_norm; else undefined), mean (layer; else undefined), rstd.
+struct ForwardOut {
+  at::Tensor y, h, mean, rstd;
+};
+
+ForwardOut norm_forward(const at::Tensor& x_in, const at::Tensor& residual_in, const std::optional<at::Tensor>& weight,
+                        const std::optional<at::Tensor>& bias, double eps, bool rms, const DropoutArgs& drop) {
+  const at::Tensor x = unit_last_dim(x_in);  // strided columns are copied once: the vector loads need unit stride
   const int64_t m = x.size(0), n = x.size(1);
-  at::Tensor y = pooled_empty({m, n});
-  at::Tensor mean = at::empty({m}, x.options().dtype(at::kFloat));
-  at::Tensor rstd = at::empty({m}, x.options().dtype(at::kFloat));
-  if (m == 0) return {y, mean, rstd};
+  ForwardOut out;
+  out.y = pooled_empty({m, n});
+  if (!rms) out.mean = at::empty({m}, x.options());
+  out.rstd = at::empty({m}, x.options());
+  ResidualInput add;
+  at::Tensor residual;
+  if (residual_in.defined()) {
+    residual = unit_last_dim(residual_in);
+    out.h = pooled_empty({m, n});
+    add = {residual.const_data_ptr<float>(), residual.stride(0), out.h.mutable_data_ptr<float>(), drop,
+           drop.seed != nullptr ? static_cast<uint64_t>(*drop.seed) : 0};
+  }
+  if (m == 0) return out;
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
   const at::Tensor b = bias.has_value() ? bias->contiguous() : at::Tensor();
   const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
   const float* bp = b.defined() ? b.const_data_ptr<float>() : nullptr;
-  auto run = [&](auto kernel) {
-    kernel(x.const_data_ptr<float>(), x.stride(0), y.mutable_data_ptr<float>(), wp, bp,
-           mean.mutable_data_ptr<float>(), rstd.mutable_data_ptr<float>(), m, n, static_cast<float>(eps));
-  };
-  if (wp && bp) run(forward_rows<true, true>);
-  else if (wp) run(forward_rows<true, false>);
-  else if (bp) run(forward_rows<false, true>);
-  else run(forward_rows<false, false>);
-  return {y, mean, rstd};
+  with_flags(
+      [&](auto has_weight, auto has_bias, auto is_rms) {
+        if constexpr (!(decltype(is_rms)::value && decltype(has_bias)::value)) {  // RMSNorm has no bias (checked)
+          forward_rows<decltype(has_weight)::value, decltype(has_bias)::value, decltype(is_rms)::value>(
+              x.const_data_ptr<float>(), x.stride(0), add, out.y.mutable_data_ptr<float>(), wp, bp,
+              out.mean.defined() ? out.mean.mutable_data_ptr<float>() : nullptr, out.rstd.mutable_data_ptr<float>(),
+              m, n, static_cast<float>(eps));
+        }
+      },
+      wp != nullptr, bp != nullptr, rms);
+  return out;
 }
 
-// R rows of the backward: dx into dx[r], g*xhat and g added to the chunk's partial sums. The first sweep only
-// reduces (2R independent accumulators), the second writes dx and updates the partials once per R rows (the
-// partials stay in L1). Rows are grouped from the start of their chunk, and chunks do not depend on the thread
-// count, so neither do the results.
-template <int R, bool kWeight, bool kStream>
-inline void backward_rows(const float* const* x, const float* const* g, const float* w, float* const* dx,
-                          float* dw_part, float* db_part, int64_t n, const float* mean, const float* rstd) {
+// R rows of the backward, each row's pointers at index r.
+template <int R>
+struct BackwardRows {
+  const float* x[R];   // the normalised input (add_norm: h)
+  const float* g[R];   // gradient of y
+  const float* gh[R];  // add_norm: gradient of h, added to the norm's
+  float* dx[R];        // gradient of the normalised input (add_norm: of h, which is residual's gradient)
+  float* dx_drop[R];   // add_norm with dropout: dx * z, x's gradient
+  const float* z[R];   // the dropout factors of the row
+  const float* x_next[R];   // rows to prefetch meanwhile (without dropout; with it, the factors' sweep does)
+  const float* g_next[R];
+  const float* gh_next[R];
+};
+
+// R rows of the backward: dx, and g*xhat and g added to the chunk's partial sums. The first sweep only reduces
+// (2R independent accumulators), the second writes dx and updates the partials once per R rows (the partials stay
+// in L1). Rows are grouped from the start of their chunk, and chunks do not depend on the thread count, so neither
+// do the results.
+template <int R, bool kWeight, bool kRms, bool kGradH, bool kDropout>
+inline void backward_rows(const BackwardRows<R>& p, const float* w, float* dw_part, float* db_part, int64_t n,
+                          const float* mean, const float* rstd, bool stream) {
   const int64_t nv = n / kWidth * kWidth;
+  float mu[R];
+  for (int r = 0; r < R; ++r) mu[r] = kRms ? 0.f : mean[r];
   vfloat sum_gw[R] = {}, sum_gwx[R] = {};
   for (int64_t j = 0; j < nv; j += kWidth) {
-    const vfloat wv = kWeight ? simd::load(w + j) : simd::splat(1.f);
+    const vfloat wv = kWeight ? vec::load(w + j) : vec::splat(1.f);
     for (int r = 0; r < R; ++r) {
-      const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
-      const vfloat gw = kWeight ? simd::load(g[r] + j) * wv : simd::load(g[r] + j);
-      sum_gw[r] += gw;
-      sum_gwx[r] = simd::fma(gw, xhat, sum_gwx[r]);
+      if constexpr (!kDropout) {
+        prefetch_line(p.x_next[r], j);
+        prefetch_line(p.g_next[r], j);
+        if constexpr (kGradH) prefetch_line(p.gh_next[r], j);
+      }
+      const vfloat xhat = (vec::load(p.x[r] + j) - mu[r]) * rstd[r];
+      const vfloat gw = kWeight ? vec::load(p.g[r] + j) * wv : vec::load(p.g[r] + j);
+      if constexpr (!kRms) sum_gw[r] += gw;
+      sum_gwx[r] = vec::fma(gw, xhat, sum_gwx[r]);
     }
   }
   const float inv_n = 1.f / static_cast<float>(n);
   float c1[R], c2[R];
   for (int r = 0; r < R; ++r) {
-    float s_gw = simd::reduce_add(sum_gw[r]), s_gwx = simd::reduce_add(sum_gwx[r]);
+    float s_gw = vec::reduce_add(sum_gw[r]), s_gwx = vec::reduce_add(sum_gwx[r]);
     for (int64_t j = nv; j < n; ++j) {
-      const float xhat = (x[r][j] - mean[r]) * rstd[r];
-      const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
-      s_gw += gw;
+      const float xhat = (p.x[r][j] - mu[r]) * rstd[r];
+      const float gw = kWeight ? p.g[r][j] * w[j] : p.g[r][j];
+      if constexpr (!kRms) s_gw += gw;
       s_gwx = std::fma(gw, xhat, s_gwx);
     }
-    c1[r] = s_gw * inv_n;
+    c1[r] = s_gw * inv_n;  // 0 for RMSNorm: its output does not depend on the mean
     c2[r] = s_gwx * inv_n;
   }
   for (int64_t j = 0; j < nv; j += kWidth) {
-    const vfloat wv = kWeight ? simd::load(w + j) : simd::splat(1.f);
-    vfloat dwv = simd::load(dw_part + j), dbv = simd::load(db_part + j);
+    const vfloat wv = kWeight ? vec::load(w + j) : vec::splat(1.f);
+    vfloat dwv = vec::load(dw_part + j), dbv = vec::load(db_part + j);
     for (int r = 0; r < R; ++r) {
-      const vfloat xhat = (simd::load(x[r] + j) - mean[r]) * rstd[r];
-      const vfloat gv = simd::load(g[r] + j);
+      const vfloat xhat = (vec::load(p.x[r] + j) - mu[r]) * rstd[r];
+      const vfloat gv = vec::load(p.g[r] + j);
       const vfloat gw = kWeight ? gv * wv : gv;
       // (gw - c1) first: for N = 1 it is exactly 0 and xhat is 0, so dx is exactly 0.
-      const vfloat d = simd::fma(xhat, simd::splat(-c2[r]), gw - c1[r]) * rstd[r];
-      if constexpr (kStream) simd::store_stream(dx[r] + j, d);
-      else simd::store(dx[r] + j, d);
-      dwv = simd::fma(gv, xhat, dwv);
+      vfloat d = vec::fma(xhat, vec::splat(-c2[r]), gw - c1[r]) * rstd[r];
+      if constexpr (kGradH) d += vec::load(p.gh[r] + j);
+      put(p.dx[r] + j, d, stream);
+      if constexpr (kDropout) put(p.dx_drop[r] + j, d * vec::load(p.z[r] + j), stream);
+      dwv = vec::fma(gv, xhat, dwv);
       dbv += gv;
     }
-    simd::store(dw_part + j, dwv);
-    simd::store(db_part + j, dbv);
+    vec::store(dw_part + j, dwv);
+    vec::store(db_part + j, dbv);
   }
   for (int64_t j = nv; j < n; ++j)
     for (int r = 0; r < R; ++r) {
-      const float xhat = (x[r][j] - mean[r]) * rstd[r];
-      const float gw = kWeight ? g[r][j] * w[j] : g[r][j];
-      dx[r][j] = std::fma(xhat, -c2[r], gw - c1[r]) * rstd[r];
-      dw_part[j] = std::fma(g[r][j], xhat, dw_part[j]);
-      db_part[j] += g[r][j];
+      const float xhat = (p.x[r][j] - mu[r]) * rstd[r];
+      const float gw = kWeight ? p.g[r][j] * w[j] : p.g[r][j];
+      float d = std::fma(xhat, -c2[r], gw - c1[r]) * rstd[r];
+      if constexpr (kGradH) d += p.gh[r][j];
+      p.dx[r][j] = d;
+      if constexpr (kDropout) p.dx_drop[r][j] = d * p.z[r][j];
+      dw_part[j] = std::fma(p.g[r][j], xhat, dw_part[j]);
+      db_part[j] += p.g[r][j];
     }
 }
 
-template <int R>
-void backward_dispatch(bool weight, bool stream, const float* const* x, const float* const* g, const float* w,
-                       float* const* dx, float* dw_part, float* db_part, int64_t n, const float* mean,
-                       const float* rstd) {
-  if (weight && stream) backward_rows<R, true, true>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
-  else if (weight) backward_rows<R, true, false>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
-  else if (stream) backward_rows<R, false, true>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
-  else backward_rows<R, false, false>(x, g, w, dx, dw_part, db_part, n, mean, rstd);
-}
+// The backward of every op of the family: dx (add_norm: h's, i.e. residual's, gradient), dx_drop (add_norm with
+// dropout: x's; else undefined), dw, db (always computed; the caller drops what it does not need).
+struct BackwardOut {
+  at::Tensor dx, dx_drop, dw, db;
+};
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out_in,
-                                                                  const at::Tensor& x_in,
-                                                                  const std::optional<at::Tensor>& weight,
-                                                                  const at::Tensor& mean_in,
-                                                                  const at::Tensor& rstd_in) {
-  check_layer_norm_bwd_args(grad_out_in, x_in, weight, mean_in, rstd_in);
-  TORCH_CHECK(x_in.scalar_type() == at::kFloat, "chargpt::layer_norm_bwd on CPU supports float32, got ",
-              x_in.scalar_type());
+BackwardOut norm_backward(const at::Tensor& grad_out_in, const at::Tensor& grad_h_in, const at::Tensor& x_in,
+                          const std::optional<at::Tensor>& weight, const at::Tensor& mean_in,
+                          const at::Tensor& rstd_in, bool rms, const DropoutArgs& drop) {
   const at::Tensor x = unit_last_dim(x_in), g = unit_last_dim(grad_out_in);
-  const at::Tensor mean = mean_in.contiguous(), rstd = rstd_in.contiguous();
+  const at::Tensor gh = grad_h_in.defined() ? unit_last_dim(grad_h_in) : at::Tensor();
+  const at::Tensor mean = rms ? at::Tensor() : mean_in.contiguous(), rstd = rstd_in.contiguous();
   const int64_t m = x.size(0), n = x.size(1);
-  at::Tensor dx = pooled_empty({m, n});
-  at::Tensor dw = at::empty({n}, x.options());  // every entry is written by the reduction below
-  at::Tensor db = at::empty({n}, x.options());
-  if (m == 0) return {dx, dw.zero_(), db.zero_()};
+  const bool dropout = drop.p > 0.f;
+  BackwardOut out;
+  out.dx = pooled_empty({m, n});
+  if (dropout) out.dx_drop = pooled_empty({m, n});
+  out.dw = at::empty({n}, x.options());  // every entry is written by the reduction below
+  out.db = at::empty({n}, x.options());
+  if (m == 0) {
+    out.dw.zero_();
+    out.db.zero_();
+    return out;
+  }
   const at::Tensor w = weight.has_value() ? weight->contiguous() : at::Tensor();
 
   // Fixed chunks of rows (independent of the thread count): at most 64, each big enough to amortise its partials.
-  const int64_t rows_per_chunk =
-      std::max<int64_t>({(m + 63) / 64, kMinElementsPerChunk / n, int64_t{1}});
+  const int64_t rows_per_chunk = std::max<int64_t>({(m + 63) / 64, kMinElementsPerChunk / n, int64_t{1}});
   const int64_t chunks = (m + rows_per_chunk - 1) / rows_per_chunk;
-  const int64_t padded_n = (n + kWidth - 1) / kWidth * kWidth;
-  std::vector<float> partials(static_cast<size_t>(chunks * 2 * padded_n), 0.f);
+  const int64_t pn = padded(n);
+  std::vector<float> partials(static_cast<size_t>(chunks * 2 * pn), 0.f);
 
   const float* xp = x.const_data_ptr<float>();
   const float* gp = g.const_data_ptr<float>();
+  const float* ghp = gh.defined() ? gh.const_data_ptr<float>() : nullptr;
   const float* wp = w.defined() ? w.const_data_ptr<float>() : nullptr;
-  const float* mp = mean.const_data_ptr<float>();
+  const float* mp = mean.defined() ? mean.const_data_ptr<float>() : nullptr;
   const float* rp = rstd.const_data_ptr<float>();
-  float* dxp = dx.mutable_data_ptr<float>();
+  float* dxp = out.dx.mutable_data_ptr<float>();
+  float* ddp = dropout ? out.dx_drop.mutable_data_ptr<float>() : nullptr;
+  const uint64_t seed = dropout ? static_cast<uint64_t>(*drop.seed) : 0;
   const bool stream = streaming_output(m, n);
-  at::parallel_for(0, chunks, parallel_grain(rows_per_chunk * n), [&](int64_t begin, int64_t end) {
-    for (int64_t c = begin; c < end; ++c) {
-      float* dw_part = partials.data() + c * 2 * padded_n;
-      float* db_part = dw_part + padded_n;
-      const int64_t r_end = std::min(m, (c + 1) * rows_per_chunk);
-      // Streaming needs every dx row 64-byte aligned: true for pooled outputs when n is a multiple of 16.
-      const bool stream_rows = stream && simd::aligned64(dxp) && n % kWidth == 0;
-      constexpr int kRows = 4;
-      int64_t r = c * rows_per_chunk;
-      for (; r + kRows <= r_end; r += kRows) {
-        const float* xs[kRows];
-        const float* gs[kRows];
-        float* dxs[kRows];
-        for (int i = 0; i < kRows; ++i) {
-          xs[i] = xp + (r + i) * x.stride(0);
-          gs[i] = gp + (r + i) * g.stride(0);
-          dxs[i] = dxp + (r + i) * n;
-        }
-        backward_dispatch<kRows>(wp != nullptr, stream_rows, xs, gs, wp, dxs, dw_part, db_part, n, mp + r, rp + r);
-      }
-      for (; r < r_end; ++r) {
-        const float* xr = xp + r * x.stride(0);
-        const float* gr = gp + r * g.stride(0);
-        float* dxr = dxp + r * n;
-        backward_dispatch<1>(wp != nullptr, stream_rows, &xr, &gr, wp, &dxr, dw_part, db_part, n, mp + r, rp + r);
-      }
-    }
+  // Streaming needs every output row vector-aligned: true for pooled outputs when n is a multiple of kWidth.
+  const bool stream_rows = stream && n % kWidth == 0;
+  const int64_t chunk_work = rows_per_chunk * n * (dropout ? kDropoutWork : 1);
+  parallel_blocks(chunks, parallel_grain(chunk_work), [&](int64_t begin, int64_t end) {
+    const int64_t fn = padded_draws(n);
+    std::vector<float> factors(dropout ? kRows * fn : 0);
+    with_flags(
+        [&](auto has_weight, auto is_rms, auto has_grad_h, auto has_dropout) {
+          constexpr bool kWeight = decltype(has_weight)::value, kRms = decltype(is_rms)::value;
+          constexpr bool kGradH = decltype(has_grad_h)::value, kDropout = decltype(has_dropout)::value;
+          auto rows = [&](auto group, int64_t r, int64_t r_end) {
+            constexpr int R = decltype(group)::value;
+            BackwardRows<R> p;
+            for (int i = 0; i < R; ++i) {
+              const int64_t next = r + i + R < r_end ? r + i + R : r + i;  // the row R on, prefetched meanwhile
+              p.x_next[i] = xp + next * x.stride(0);
+              p.g_next[i] = gp + next * g.stride(0);
+              p.gh_next[i] = kGradH ? ghp + next * gh.stride(0) : nullptr;
+              p.x[i] = xp + (r + i) * x.stride(0);
+              p.g[i] = gp + (r + i) * g.stride(0);
+              p.gh[i] = kGradH ? ghp + (r + i) * gh.stride(0) : nullptr;
+              p.dx[i] = dxp + (r + i) * n;
+              p.dx_drop[i] = kDropout ? ddp + (r + i) * n : nullptr;
+              p.z[i] = kDropout ? factors.data() + i * fn : nullptr;
+              if constexpr (kDropout)  // the forward's mask, regenerated: offset row * N + col
+                dropout_factors_row(factors.data() + i * fn, n, seed, static_cast<uint64_t>((r + i) * n), drop,
+                                    {p.x_next[i], p.g_next[i], p.gh_next[i]});
+            }
+            return p;
+          };
+          for (int64_t c = begin; c < end; ++c) {
+            float* dw_part = partials.data() + c * 2 * pn;
+            float* db_part = dw_part + pn;
+            const int64_t r_end = std::min(m, (c + 1) * rows_per_chunk);
+            int64_t r = c * rows_per_chunk;
+            for (; r + kRows <= r_end; r += kRows)
+              backward_rows<kRows, kWeight, kRms, kGradH, kDropout>(
+                  rows(std::integral_constant<int, kRows>{}, r, r_end), wp, dw_part, db_part, n, mp ? mp + r : nullptr,
+                  rp + r, stream_rows);
+            for (; r < r_end; ++r)
+              backward_rows<1, kWeight, kRms, kGradH, kDropout>(
+                  rows(std::integral_constant<int, 1>{}, r, r_end), wp, dw_part, db_part, n, mp ? mp + r : nullptr,
+                  rp + r, stream_rows);
+          }
+        },
+        wp != nullptr, rms, ghp != nullptr, dropout);
     if (stream) simd::stream_fence();
   });
   // Reduce the chunk partials once, in chunk order (double accumulators: the sums can span many rows).
-  float* dwp = dw.mutable_data_ptr<float>();
-  float* dbp = db.mutable_data_ptr<float>();
+  float* dwp = out.dw.mutable_data_ptr<float>();
+  float* dbp = out.db.mutable_data_ptr<float>();
   at::parallel_for(0, n, std::max<int64_t>(256, parallel_grain(2 * chunks)), [&](int64_t begin, int64_t end) {
     for (int64_t j = begin; j < end; ++j) {
       double sw = 0.0, sb = 0.0;
       for (int64_t c = 0; c < chunks; ++c) {
-        sw += partials[c * 2 * padded_n + j];
-        sb += partials[c * 2 * padded_n + padded_n + j];
+        sw += partials[c * 2 * pn + j];
+        sb += partials[c * 2 * pn + pn + j];
       }
       dwp[j] = static_cast<float>(sw);
       dbp[j] = static_cast<float>(sb);
     }
   });
-  return {dx, dw, db};
+  return out;
+}
+
+void check_cpu_float(const char* op, const at::Tensor& x) {
+  TORCH_CHECK(x.scalar_type() == at::kFloat, op, " on CPU supports float32, got ", x.scalar_type());
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_fwd_cpu(const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const std::optional<at::Tensor>& bias,
+                                                                  double eps) {
+  check_layer_norm_fwd_args(x, weight, bias, eps);
+  check_cpu_float("chargpt::layer_norm_fwd", x);
+  ForwardOut out = norm_forward(x, at::Tensor(), weight, bias, eps, /*rms=*/false, {});
+  return {out.y, out.mean, out.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                                  const std::optional<at::Tensor>& weight,
+                                                                  const at::Tensor& mean, const at::Tensor& rstd) {
+  check_layer_norm_bwd_args(grad_out, x, weight, mean, rstd);
+  check_cpu_float("chargpt::layer_norm_bwd", x);
+  BackwardOut out = norm_backward(grad_out, at::Tensor(), x, weight, mean, rstd, /*rms=*/false, {});
+  return {out.dx, out.dw, out.db};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_fwd_cpu(const at::Tensor& x, const std::optional<at::Tensor>& weight,
+                                                    double eps) {
+  check_rms_norm_fwd_args(x, weight, eps);
+  check_cpu_float("chargpt::rms_norm_fwd", x);
+  ForwardOut out = norm_forward(x, at::Tensor(), weight, std::nullopt, eps, /*rms=*/true, {});
+  return {out.y, out.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor> rms_norm_bwd_cpu(const at::Tensor& grad_out, const at::Tensor& x,
+                                                    const std::optional<at::Tensor>& weight, const at::Tensor& rstd) {
+  check_rms_norm_bwd_args(grad_out, x, weight, rstd);
+  check_cpu_float("chargpt::rms_norm_bwd", x);
+  BackwardOut out = norm_backward(grad_out, at::Tensor(), x, weight, at::Tensor(), rstd, /*rms=*/true, {});
+  return {out.dx, out.dw};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_fwd_cpu(
+    const at::Tensor& x, const at::Tensor& residual, const std::optional<at::Tensor>& weight,
+    const std::optional<at::Tensor>& bias, double eps, c10::string_view norm, double dropout_p,
+    const std::optional<at::Tensor>& seed) {
+  const bool rms = check_add_norm_fwd_args(x, residual, weight, bias, eps, norm, dropout_p, seed);
+  check_cpu_float("chargpt::add_norm_fwd", x);
+  ForwardOut out = norm_forward(x, residual, weight, bias, eps, rms, dropout_args(dropout_p, seed));
+  // RMSNorm has no mean: zeros keep the op's outputs the same for both norms.
+  return {out.y, out.h, rms ? at::zeros({x.size(0)}, x.options()) : out.mean, out.rstd};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> add_norm_bwd_cpu(
+    const at::Tensor& grad_y, const std::optional<at::Tensor>& grad_h, const at::Tensor& h,
+    const std::optional<at::Tensor>& weight, const at::Tensor& mean, const at::Tensor& rstd, c10::string_view norm,
+    double dropout_p, const std::optional<at::Tensor>& seed) {
+  const bool rms = check_add_norm_bwd_args(grad_y, grad_h, h, weight, mean, rstd, norm, dropout_p, seed);
+  check_cpu_float("chargpt::add_norm_bwd", h);
+  BackwardOut out = norm_backward(grad_y, grad_h.has_value() ? *grad_h : at::Tensor(), h, weight, mean, rstd, rms,
+                                  dropout_args(dropout_p, seed));
+  // Without dropout x's gradient is h's: an empty placeholder instead of a copy (see add_norm_bwd's schema).
+  return {out.dx, out.dx_drop.defined() ? out.dx_drop : at::empty({0}, h.options()), out.dw, out.db};
 }
 
 }  // namespace
@@ -342,6 +589,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> layer_norm_bwd_cpu(const at::Tens
 TORCH_LIBRARY_IMPL(chargpt, CPU, m) {
   m.impl("layer_norm_fwd", &layer_norm_fwd_cpu);
   m.impl("layer_norm_bwd", &layer_norm_bwd_cpu);
+  m.impl("rms_norm_fwd", &rms_norm_fwd_cpu);
+  m.impl("rms_norm_bwd", &rms_norm_bwd_cpu);
+  m.impl("add_norm_fwd", &add_norm_fwd_cpu);
+  m.impl("add_norm_bwd", &add_norm_bwd_cpu);
 }
 
 }  // namespace chargpt

@@ -171,6 +171,54 @@ inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
   std::memcpy(&out, &u, sizeof out);
   return out;
 }
+#elif defined(__AVX2__)
+// The same with AVX2 (no AVX-512, e.g. AMD Zen 1-3): 4*Q offsets, Q registers of four 64-bit lanes, each lane's
+// word in its low half (vpmuludq reads only that; the high half may hold anything). Register q holds the offsets
+// base + 8*(q/2) + q%2 + {0, 2, 4, 6}, so one blend per pair puts 8 words back in order. Per round a lane costs two
+// vpmuludq and two vpshufd to bring the high product word down (a shift would do, but shifts share one port on
+// Zen 1, and shuffles have two): ~4x faster than the generic version below, which is what GCC makes of 64-bit lanes.
+template <int Q>
+inline void philox_uniform_avx2(uint64_t seed, uint64_t base, __m256* out) {
+  __m256i c0[Q], c1[Q], c2[Q], c3[Q];
+  uint32_t k0 = static_cast<uint32_t>(seed), k1 = static_cast<uint32_t>(seed >> 32);
+  const __m256i round_a = _mm256_set1_epi64x(kPhiloxRoundA), round_b = _mm256_set1_epi64x(kPhiloxRoundB);
+  for (int q = 0; q < Q; ++q) {
+    const __m256i offset = _mm256_add_epi64(_mm256_set1_epi64x(static_cast<int64_t>(base + 8 * (q / 2) + q % 2)),
+                                            _mm256_setr_epi64x(0, 2, 4, 6));
+    // Round 1, where c2 = c3 = 0 make the first product 0; c1 is the offset's high word.
+    const __m256i prod_a = _mm256_mul_epu32(offset, round_a);
+    c0[q] = _mm256_xor_si256(_mm256_srli_epi64(offset, 32), _mm256_set1_epi32(static_cast<int32_t>(k0)));
+    c1[q] = _mm256_setzero_si256();
+    c2[q] = _mm256_xor_si256(_mm256_shuffle_epi32(prod_a, 0xF5), _mm256_set1_epi32(static_cast<int32_t>(k1)));
+    c3[q] = prod_a;
+  }
+  for (int round = 1; round < 10; ++round) {
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+    const __m256i key0 = _mm256_set1_epi32(static_cast<int32_t>(k0));
+    const __m256i key1 = _mm256_set1_epi32(static_cast<int32_t>(k1));
+    for (int q = 0; q < Q; ++q) {
+      const __m256i prod_b = _mm256_mul_epu32(c2[q], round_b), prod_a = _mm256_mul_epu32(c0[q], round_a);
+      c0[q] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(prod_b, 0xF5), c1[q]), key0);  // hi ^ c1 ^ k0
+      c1[q] = prod_b;                                                                                // lo
+      c2[q] = _mm256_xor_si256(_mm256_xor_si256(_mm256_shuffle_epi32(prod_a, 0xF5), c3[q]), key1);
+      c3[q] = prod_a;
+    }
+  }
+  for (int h = 0; h < Q / 2; ++h) {
+    const __m256i word = _mm256_blend_epi32(c0[2 * h], _mm256_slli_epi64(c0[2 * h + 1], 32), 0xAA);
+    const __m256i folded = _mm256_xor_si256(word, _mm256_srai_epi32(word, 31));  // x < 0 ? ~x : x
+    out[h] = _mm256_mul_ps(_mm256_cvtepi32_ps(folded), _mm256_set1_ps(kPhiloxUniformScale));
+  }
+}
+
+inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
+  __m256 u[2];
+  philox_uniform_avx2<4>(seed, base, u);
+  vfloat out;
+  std::memcpy(&out, u, sizeof out);
+  return out;
+}
 #else
 inline vfloat philox_uniform16(uint64_t seed, uint64_t base) {
   const vulong lane = {0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15};
