@@ -158,7 +158,7 @@ def _load():
                 _jit_build(with_cuda=True)
             except Exception as error:  # keep the CPU path: build the C++ part alone
                 warnings.warn(f"kernels: the CUDA part of the chargpt extension failed to build ({_first_line(error)});"
-                              " building the C++ part only")
+                              " building the C++ part only", stacklevel=2)
                 _jit_build(with_cuda=False)
         else:
             _jit_build(with_cuda=False)

@@ -98,9 +98,11 @@ def test_attention_extreme_magnitudes(backend, magnitude):
     """Scores of ~1e30 still fit float32 and the online softmax must not overflow: the weights become one-hot, and
     the output must match float64.
 
-    Gradients are judged at scores of ~100 (q * 30). Far past that a flash backward, which recomputes each score and subtracts
+    Gradients are judged at scores of ~100 (q * 30). Far past that a flash backward, which recomputes each score
+    and subtracts
     the saved log-sum-exp, loses precision as |score| * 2^-24 (the Triton kernels sum q.k in another order backward
-    than forward): ~5e-3 relative in dv at scores of 1e4, the weights lost outright at 1e30. And dk = dS^T q * scale multiplies q by dS, a
+    than forward): ~5e-3 relative in dv at scores of 1e4, the weights lost outright at 1e30. And dk = dS^T q * scale
+    multiplies q by dS, a
     difference of nearly equal terms that float32 resolves to ~1e-7 and float64 to ~1e-16: dk is held to being
     finite only."""
     require_backend(backend, "cpu")

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference
 from kernels.testing import attention_inputs
+
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 # (B, H, Tq, Tk, D): odd lengths, odd head dims, a single token, Tq != Tk.

@@ -4,9 +4,10 @@ mid-step; --fused runs eager only the ops no fused kernel takes, and says so."""
 import json
 
 import pytest
-from chargpt_helpers import assert_one_line_error, small_text, train
 
 from kernels import backends
+
+from chargpt_helpers import assert_one_line_error, small_text, train
 
 TINY = ("--preset", "tiny", "--device", "cpu", "--max-iters", "2", "--eval-iters", "1")
 

@@ -5,9 +5,10 @@ import urllib.error
 
 import pytest
 import torch
-from chargpt_helpers import require_corpus, small_text
 
 from chargpt import ChargptError, data
+
+from chargpt_helpers import require_corpus, small_text
 
 
 def test_tokenizer_round_trip():

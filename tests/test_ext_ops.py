@@ -11,6 +11,7 @@ import torch.nn as nn
 
 import kernels
 from kernels import reference
+
 from conftest import require_backend
 
 ext_attention = ext_layer_norm = None  # imported by the fixture, once the extension is known to load

@@ -12,6 +12,7 @@ import torch.nn.functional as F
 import kernels
 from kernels import reference
 from kernels.testing import check_against_reference, layer_norm_inputs
+
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]

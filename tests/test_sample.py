@@ -2,9 +2,10 @@
 
 import pytest
 import torch
-from chargpt_helpers import assert_one_line_error, sample, small_text, train
 
 import kernels
+
+from chargpt_helpers import assert_one_line_error, sample, small_text, train
 
 
 @pytest.fixture(scope="module")

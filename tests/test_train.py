@@ -9,10 +9,11 @@ import time
 
 import pytest
 import torch
-from chargpt_helpers import REPO_ROOT, assert_one_line_error, run_cli, small_text, train
 
 from chargpt import ChargptError, checkpoint
 from chargpt.throughput import StepTimeJumps
+
+from chargpt_helpers import REPO_ROOT, assert_one_line_error, run_cli, small_text, train
 
 # On CPU even where there is a GPU: bit-exact resume and the gloo DDP run need it, and tiny runs gain nothing.
 TINY = ("--preset", "tiny", "--device", "cpu")

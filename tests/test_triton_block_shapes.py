@@ -11,6 +11,7 @@ import torch
 from kernels import reference
 from kernels import triton_attention as attention
 from kernels.runtime import triton_interpreted
+
 from conftest import assert_close
 
 ALL_CONFIGS = {name: attention.CONFIGS[name] + attention.FP32_CONFIGS[name] for name in attention.CONFIGS}

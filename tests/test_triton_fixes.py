@@ -121,9 +121,7 @@ def test_attention_non_finite_inputs_propagate_like_torch(which, value, is_causa
     the maths demands, the same values elsewhere. Causal: torch's math also spreads NaN through the 0 weights of
     masked entries; a tiled kernel does that only inside the tiles it visits, so there torch's NaN set bounds ours
     from above and the per-row computation from below (equal for full attention)."""
-    import torch.nn.functional as F
 
-    from kernels import triton_attention
 
     b, h, t, d, scale = 1, 2, 70, 8, 0.35  # 70 rows: several query and key tiles in every kernel
     gen = torch.Generator().manual_seed(5)
