@@ -80,6 +80,100 @@ def test_layer_norm_of_constant_rows_is_exact(ops, dtype, n):
     assert torch.equal(y, b.expand_as(x)), f"max |y - bias| = {(y - b).abs().max().item():.3g}, want exactly 0"
 
 
+# rms_norm and add_norm share the LayerNorm kernels (statistics with the mean fixed at 0 for RMSNorm; add_norm
+# normalises the h it writes). Shapes as above plus a 65,536-wide row.
+NORM_SHAPES = [(1, 40), (7, 59), (13, 80), (5, 1000)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+@pytest.mark.parametrize("rows,n", NORM_SHAPES + [(2, 65536)])
+@pytest.mark.parametrize("weight", [True, False], ids=["w", "none"])
+def test_rms_norm(ops, dtype, rows, n, weight):
+    if n == 65536 and (dtype != torch.float32 or not weight):
+        pytest.skip("one wide case is enough (slow to emulate)")
+    ops.configure(9, rows % 2 == 1)
+    seed = rows * 1000 + n
+    x = fresh(rows, n + 8, dtype=dtype, seed=seed)[:, :n]  # row stride != n
+    w = fresh(n, dtype=dtype, seed=seed + 1) if weight else None
+    g = fresh(rows, n, dtype=dtype, seed=seed + 3)
+    y, rstd = ops.rms_norm_fwd(x, w, 1e-6)
+    dx, dw = ops.rms_norm_bwd(g, x, w, rstd)
+    x64 = x.double().requires_grad_()
+    w64 = w.double().requires_grad_() if weight else None
+    want = reference.rms_norm(x64, w64, 1e-6)
+    want_grads = torch.autograd.grad(want, [t for t in (x64, w64) if t is not None], g.double())
+    assert_close(y, want, dtype, "emulated CUDA rms_norm y")
+    for name, got, ref in zip(("dx", "dw"), (dx, dw), want_grads):
+        assert_close(got, ref, dtype, f"emulated CUDA rms_norm {name}")
+
+
+def run_add_norm(ops, x, residual, w, b, norm, p, eps=1e-5, grad_h=True, seed=987654321):
+    """The emulated add_norm forward and backward, and the float64 reference's under the spec mask."""
+    rows, n = x.shape
+    seed = torch.tensor([seed], dtype=torch.int64) if p > 0 else None
+    y, h, mean, rstd = ops.add_norm_fwd(x, residual, w, b, eps, norm, p, seed)
+    gy = fresh(rows, n, dtype=x.dtype, seed=77)
+    gh = fresh(rows, n, dtype=x.dtype, seed=78) if grad_h else None
+    dh, dx, dw, db = ops.add_norm_bwd(gy, gh, h, w, mean, rstd, norm, p, seed)
+    leaves = [t.double().requires_grad_() if t is not None else None for t in (x, residual, w, b)]
+    mask = reference.dropout_keep_mask(int(seed), 1, 1, rows, n, p).view(rows, n) if p > 0 else None
+    y64, h64 = reference.add_norm(*leaves, eps, norm, p, dropout_mask=mask)
+    wanted = [t for t in leaves if t is not None]
+    outs = [y64] + ([h64] if grad_h else [])
+    grads = [gy.double()] + ([gh.double()] if grad_h else [])
+    want = torch.autograd.grad(outs, wanted, grads, allow_unused=True)
+    got = {"y": y, "h": h, "dx": dx if p > 0 else dh, "dresidual": dh, "dw": dw, "db": db}
+    ref = {"y": y64, "h": h64, "dx": want[0], "dresidual": want[1]}
+    if w is not None:
+        ref["dw"] = want[2]
+    if b is not None:
+        ref["db"] = want[3]
+    return got, ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, *HALF_TYPES], ids=str)
+@pytest.mark.parametrize("rows,n", NORM_SHAPES)
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_add_norm(ops, dtype, rows, n, norm, dropout_p):
+    ops.configure(9, (rows + n) % 2 == 0)
+    seed = rows * 1000 + n
+    x = fresh(rows, 2 * n, dtype=dtype, seed=seed)[:, ::2] if n % 2 else fresh(rows, n, dtype=dtype, seed=seed)
+    residual = fresh(rows, n + 8, dtype=dtype, seed=seed + 1)[:, :n]
+    w = fresh(n, dtype=dtype, seed=seed + 2)
+    b = fresh(n, dtype=dtype, seed=seed + 3) if norm == "layer" else None
+    got, ref = run_add_norm(ops, x, residual, w, b, norm, dropout_p, grad_h=rows != 7)
+    for name, want in ref.items():
+        assert_close(got[name], want, dtype, f"emulated CUDA add_norm {norm} p={dropout_p} {name}")
+
+
+def test_add_norm_wide_rows_and_dropout(ops):
+    ops.configure(9, False)
+    x, residual = fresh(2, 65536, dtype=torch.float32, seed=1), fresh(2, 65536, dtype=torch.float32, seed=2)
+    w, b = fresh(65536, dtype=torch.float32, seed=3), fresh(65536, dtype=torch.float32, seed=4)
+    got, ref = run_add_norm(ops, x, residual, w, b, "layer", 0.1)
+    for name, want in ref.items():
+        assert_close(got[name], want, torch.float32, f"emulated CUDA add_norm N=65536 {name}")
+
+
+def test_add_norm_constant_rows_and_nan(ops):
+    """h constant along a row normalises to exactly the bias at eps=1e-12; a NaN in x that dropout drops still
+    makes its row NaN (x * 0), and only that row."""
+    ops.configure(9, True)
+    n = 1000
+    residual = torch.tensor([0.1, -3.7, 1e4, 1 / 3])[:, None].expand(-1, n).contiguous()
+    b = fresh(n, dtype=torch.float32, seed=5)
+    y, h, _, _ = ops.add_norm_fwd(torch.zeros(4, n), residual, fresh(n, dtype=torch.float32, seed=6), b, 1e-12,
+                                  "layer", 0.0, None)
+    assert torch.equal(h, residual) and torch.equal(y, b.expand(4, n))
+    seed = torch.tensor([5], dtype=torch.int64)
+    mask = reference.dropout_keep_mask(5, 1, 1, 4, n, 0.5).view(4, n)
+    x = fresh(4, n, dtype=torch.float32, seed=7)
+    x[2, int((~mask[2]).nonzero()[0])] = float("nan")
+    y, h, _, _ = ops.add_norm_fwd(x, residual, None, None, 1e-5, "layer", 0.5, seed)
+    assert torch.isnan(y[2]).all() and torch.isfinite(y[[0, 1, 3]]).all() and torch.isfinite(h[[0, 1, 3]]).all()
+
+
 # (B, H, Tq, Tk, D): a single token, D in every SIMT bucket (64/128/256) and tensor-core bucket (64/128),
 # ragged tiles, Tq != Tk, and T = 70 (more than one 64-row block and 16/32-key step of the tensor-core kernels).
 ATTENTION_SHAPES = [(1, 1, 1, 1, 16), (1, 2, 7, 7, 40), (1, 1, 19, 19, 80), (1, 1, 5, 19, 32), (1, 1, 9, 9, 256),

@@ -20,6 +20,10 @@
 TORCH_LIBRARY(chargpt_emulated, m) {
   m.def("layer_norm_fwd", &chargpt::layer_norm_fwd_cuda);
   m.def("layer_norm_bwd", &chargpt::layer_norm_bwd_cuda);
+  m.def("rms_norm_fwd", &chargpt::rms_norm_fwd_cuda);
+  m.def("rms_norm_bwd", &chargpt::rms_norm_bwd_cuda);
+  m.def("add_norm_fwd", &chargpt::add_norm_fwd_cuda);
+  m.def("add_norm_bwd", &chargpt::add_norm_bwd_cuda);
   m.def("attention_fwd", &chargpt::attention_fwd_cuda);
   m.def("attention_bwd", &chargpt::attention_bwd_cuda);
   // The GPU the host code sees (8 or more: tensor-core attention for fp16/bf16), and the thread order of the first
