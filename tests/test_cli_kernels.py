@@ -57,11 +57,11 @@ def test_fused_bfloat16_on_cpu_runs_attention_eager_and_says_so(tmp_path, text_f
     assert result.returncode == 0, result.stderr[-3000:]
     note = [line for line in result.stdout.splitlines() if line.startswith("kernels auto:")]
     assert note == ["kernels auto: attention runs eager (no fused kernel here takes bfloat16 on cpu yet), "
-                    "layer_norm runs ext"]
-    assert "kernels auto (attention eager, layer_norm ext)" in result.stdout
+                    "layer_norm runs ext, add_norm runs ext"]
+    assert "kernels auto (attention eager, layer_norm ext, add_norm ext)" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["kernels"] == "auto" and summary["dtype"] == "bfloat16" and summary["iters"] == 2
-    assert summary["kernels_by_op"] == {"attention": "eager", "layer_norm": "ext"}
+    assert summary["kernels_by_op"] == {"attention": "eager", "layer_norm": "ext", "add_norm": "ext"}
 
 
 def test_fused_float32_on_cpu_runs_every_op_fused(tmp_path, text_file):
@@ -70,4 +70,4 @@ def test_fused_float32_on_cpu_runs_every_op_fused(tmp_path, text_file):
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernels auto:" not in result.stdout and "kernels ext," in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["kernels"] == "ext" and summary["kernels_by_op"] == {"attention": "ext", "layer_norm": "ext"}
+    assert summary["kernels"] == "ext" and summary["kernels_by_op"] == {"attention": "ext", "layer_norm": "ext", "add_norm": "ext"}
