@@ -152,8 +152,10 @@ inline void check_attention_args(const char* op, const at::Tensor& q, const at::
               q.dim(), "-D, ", k.dim(), "-D, ", v.dim(), "-D");
   TORCH_CHECK(k.sizes() == v.sizes(), op, ": k and v must have the same shape, got ", k.sizes(), " and ",
               v.sizes());
-  TORCH_CHECK(q.size(0) == k.size(0) && q.size(1) == k.size(1) && q.size(3) == k.size(3), op, ": q ", q.sizes(),
-              " and k ", k.sizes(), " must agree in B, H and D");
+  TORCH_CHECK(q.size(0) == k.size(0) && q.size(3) == k.size(3), op, ": q ", q.sizes(), " and k ", k.sizes(),
+              " must agree in B and D");
+  TORCH_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op, ": q's head count must be a multiple of k's (GQA), "
+              "got q ", q.sizes(), " and k ", k.sizes());
   TORCH_CHECK(q.size(2) >= 1 && k.size(2) >= 1, op, ": sequence lengths must be >= 1, got Tq=", q.size(2),
               ", Tk=", k.size(2));
   TORCH_CHECK(q.size(3) >= 1 && q.size(3) <= kMaxHeadDim, op, ": head dim D must be in [1, ", kMaxHeadDim,
@@ -168,6 +170,20 @@ inline void check_attention_args(const char* op, const at::Tensor& q, const at::
                 ": seed must be a 1-element int64 tensor, got ", seed->scalar_type(), " of shape ", seed->sizes());
     TORCH_CHECK(seed->device() == q.device(), op, ": seed is on ", seed->device(), " but q is on ", q.device());
   }
+}
+
+// attn_mask: None, or a (B, Hq, Tq, Tk) view (broadcast dims may have stride 0), bool (true = take part) or additive
+// of q's dtype, on q's device.
+inline void check_attention_mask(const char* op, const at::Tensor& q, const at::Tensor& k,
+                                 const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return;
+  TORCH_CHECK(mask->dim() == 4 && mask->size(0) == q.size(0) && mask->size(1) == q.size(1) &&
+                  mask->size(2) == q.size(2) && mask->size(3) == k.size(2),
+              op, ": attn_mask must be a (B, Hq, Tq, Tk) = (", q.size(0), ", ", q.size(1), ", ", q.size(2), ", ",
+              k.size(2), ") view, got ", mask->sizes());
+  TORCH_CHECK(mask->scalar_type() == at::kBool || mask->scalar_type() == q.scalar_type(), op,
+              ": attn_mask must be bool or q's dtype ", q.scalar_type(), ", got ", mask->scalar_type());
+  TORCH_CHECK(mask->device() == q.device(), op, ": attn_mask is on ", mask->device(), " but q is on ", q.device());
 }
 
 inline void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& out,

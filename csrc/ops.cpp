@@ -34,12 +34,15 @@ TORCH_LIBRARY(chargpt, m) {
   // placeholder when dropout_p == 0, where x's gradient is dh itself), dweight, dbias (always returned).
   m.def("add_norm_bwd(Tensor grad_y, Tensor? grad_h, Tensor h, Tensor? weight, Tensor mean, Tensor rstd, str norm,"
         " float dropout_p, Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
-  // out (B, H, Tq, D) and log-sum-exp (B, H, Tq) in fp32 (+inf for a row whose scores are all -inf: its out is 0);
-  // seed is a 1-element int64 tensor when dropout_p > 0.
-  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float dropout_p, float scale, Tensor? seed)"
-        " -> (Tensor, Tensor)");
+  // out (B, Hq, Tq, D) and log-sum-exp (B, Hq, Tq) in fp32 (+inf for a row whose scores are all -inf: its out is 0)
+  // for q (B, Hq, Tq, D) and k, v (B, Hk, Tk, D), Hq a multiple of Hk (GQA: query head h reads kv head
+  // h / (Hq / Hk)). seed is a 1-element int64 tensor when dropout_p > 0. attn_mask is None or a (B, Hq, Tq, Tk)
+  // view, bool (true = take part) or additive of q's dtype, read through its strides (stride 0 where broadcast).
+  m.def("attention_fwd(Tensor q, Tensor k, Tensor v, bool is_causal, float dropout_p, float scale, Tensor? seed,"
+        " Tensor? attn_mask=None) -> (Tensor, Tensor)");
+  // dq (B, Hq, Tq, D), dk and dv (B, Hk, Tk, D): a kv head's gradient is summed over its query group in the kernel.
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool is_causal,"
-        " float dropout_p, float scale, Tensor? seed) -> (Tensor, Tensor, Tensor)");
+        " float dropout_p, float scale, Tensor? seed, Tensor? attn_mask=None) -> (Tensor, Tensor, Tensor)");
 }
 
 namespace chargpt {
@@ -108,22 +111,25 @@ Tensors4 call_add_norm_bwd(const Tensor& gy, const optional<Tensor>& gh, const T
 }
 
 std::tuple<Tensor, Tensor> call_attention_fwd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                              double p, double scale, const optional<Tensor>& seed) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("chargpt::attention_fwd", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool,
-                                                               double, double, const optional<Tensor>&)>();
-  return op.call(q, k, v, causal, p, scale, seed);
+                                              double p, double scale, const optional<Tensor>& seed,
+                                              const optional<Tensor>& mask) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("chargpt::attention_fwd", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, bool, double, double,
+                                            const optional<Tensor>&, const optional<Tensor>&)>();
+  return op.call(q, k, v, causal, p, scale, seed, mask);
 }
 
 Tensors3 call_attention_bwd(const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& out,
-                            const Tensor& lse, bool causal, double p, double scale, const optional<Tensor>& seed) {
+                            const Tensor& lse, bool causal, double p, double scale, const optional<Tensor>& seed,
+                            const optional<Tensor>& mask) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("chargpt::attention_bwd", "")
           .typed<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
-                          bool, double, double, const optional<Tensor>&)>();
-  return op.call(g, q, k, v, out, lse, causal, p, scale, seed);
+                          bool, double, double, const optional<Tensor>&, const optional<Tensor>&)>();
+  return op.call(g, q, k, v, out, lse, causal, p, scale, seed, mask);
 }
 
 // Saved optionals go through save_for_backward as undefined tensors.
@@ -173,9 +179,9 @@ struct AddNormBackwardFunction : torch::autograd::Function<AddNormBackwardFuncti
 struct AttentionBackwardFunction : torch::autograd::Function<AttentionBackwardFunction> {
   static tensor_list forward(AutogradContext*, const Tensor& g, const Tensor& q, const Tensor& k, const Tensor& v,
                              const Tensor& out, const Tensor& lse, bool causal, double p, double scale,
-                             const optional<Tensor>& seed) {
+                             const optional<Tensor>& seed, const optional<Tensor>& mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [dq, dk, dv] = call_attention_bwd(g, q, k, v, out, lse, causal, p, scale, seed);
+    auto [dq, dk, dv] = call_attention_bwd(g, q, k, v, out, lse, causal, p, scale, seed, mask);
     return {dq, dk, dv};
   }
   static tensor_list backward(AutogradContext*, tensor_list) { return no_double_backward("chargpt::attention"); }
@@ -275,10 +281,11 @@ struct AddNormFunction : torch::autograd::Function<AddNormFunction> {
 
 struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   static tensor_list forward(AutogradContext* ctx, const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                             double dropout_p, double scale, const optional<Tensor>& seed) {
+                             double dropout_p, double scale, const optional<Tensor>& seed,
+                             const optional<Tensor>& mask) {
     at::AutoDispatchBelowADInplaceOrView guard;
-    auto [out, lse] = call_attention_fwd(q, k, v, causal, dropout_p, scale, seed);
-    ctx->save_for_backward({q, k, v, out, lse, or_undefined(seed)});
+    auto [out, lse] = call_attention_fwd(q, k, v, causal, dropout_p, scale, seed, mask);
+    ctx->save_for_backward({q, k, v, out, lse, or_undefined(seed), or_undefined(mask)});
     ctx->saved_data["is_causal"] = causal;
     ctx->saved_data["dropout_p"] = dropout_p;
     ctx->saved_data["scale"] = scale;
@@ -289,16 +296,18 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
 
   static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
     const auto s = ctx->get_saved_variables();
-    if (!grads[0].defined()) return {Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
+    const tensor_list no_grads(8);  // q, k, v, then none for causal, dropout_p, scale, seed and the mask
+    if (!grads[0].defined()) return no_grads;
     const bool causal = ctx->saved_data["is_causal"].toBool();
     const double p = ctx->saved_data["dropout_p"].toDouble(), scale = ctx->saved_data["scale"].toDouble();
     if (at::GradMode::is_enabled()) {  // create_graph=True
-      const auto d =
-          AttentionBackwardFunction::apply(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale, as_optional(s[5]));
-      return {d[0], d[1], d[2], Tensor(), Tensor(), Tensor(), Tensor()};
+      const auto d = AttentionBackwardFunction::apply(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale,
+                                                      as_optional(s[5]), as_optional(s[6]));
+      return {d[0], d[1], d[2], Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
     }
-    auto [dq, dk, dv] = call_attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale, as_optional(s[5]));
-    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor()};
+    auto [dq, dk, dv] = call_attention_bwd(grads[0], s[0], s[1], s[2], s[3], s[4], causal, p, scale,
+                                           as_optional(s[5]), as_optional(s[6]));
+    return {dq, dk, dv, Tensor(), Tensor(), Tensor(), Tensor(), Tensor()};
   }
 };
 
@@ -321,8 +330,9 @@ Tensors4 add_norm_fwd_autograd(const Tensor& x, const Tensor& residual, const op
 }
 
 std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor& k, const Tensor& v, bool causal,
-                                                  double dropout_p, double scale, const optional<Tensor>& seed) {
-  auto out = AttentionFunction::apply(q, k, v, causal, dropout_p, scale, seed);
+                                                  double dropout_p, double scale, const optional<Tensor>& seed,
+                                                  const optional<Tensor>& mask) {
+  auto out = AttentionFunction::apply(q, k, v, causal, dropout_p, scale, seed, mask);
   return {out[0], out[1]};
 }
 

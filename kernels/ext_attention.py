@@ -15,19 +15,22 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32,),
     "cuda": (torch.float32, torch.float16, torch.bfloat16) if ext_build.has_cuda_kernels() else (),
 }
+# attn_mask and GQA are fused in the CPU kernels; the CUDA ones refuse them (the seam sends them elsewhere).
+SUPPORTED_FEATURES = {"cpu": ("mask", "gqa")}
 
 
 @torch.library.register_fake("chargpt::attention_fwd")
-def _attention_fwd_fake(q, k, v, is_causal, dropout_p, scale, seed):
+def _attention_fwd_fake(q, k, v, is_causal, dropout_p, scale, seed, attn_mask=None):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
 @torch.library.register_fake("chargpt::attention_bwd")
-def _attention_bwd_fake(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale, seed):
+def _attention_bwd_fake(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale, seed, attn_mask=None):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
-def attention(q, k, v, is_causal, dropout_p, scale):
-    """softmax(q k^T * scale) v for q (B, H, Tq, D), k and v (B, H, Tk, D); causal is top-left aligned."""
+def attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None):
+    """softmax(q k^T * scale + mask) v for q (B, Hq, Tq, D), k and v (B, Hk, Tk, D) (Hq a multiple of Hk); causal
+    is top-left aligned; attn_mask is None or a (B, Hq, Tq, Tk) view (CPU only)."""
     seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
-    return _attention_fwd(q, k, v, is_causal, dropout_p, scale, seed)[0]
+    return _attention_fwd(q, k, v, is_causal, dropout_p, scale, seed, attn_mask)[0]

@@ -39,3 +39,12 @@ def require_backend(name, device, dtype=torch.float32, ops=("layer_norm", "atten
             backends.backend_for(name, op, device, dtype)
         except TypeError as unsupported:
             pytest.skip(str(unsupported))
+
+
+def require_attention_features(name, device, dtype, needs):
+    """Skip unless backend `name` fuses attention with the optional features `needs` ("mask", "gqa") here."""
+    require_backend(name, device, dtype, ops=("attention",))
+    try:
+        backends.backend_for(name, "attention", device, dtype, tuple(needs))
+    except TypeError as lacking:
+        pytest.skip(str(lacking))

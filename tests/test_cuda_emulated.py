@@ -182,9 +182,9 @@ ATTENTION_SHAPES = [(1, 1, 1, 1, 16), (1, 2, 7, 7, 40), (1, 1, 19, 19, 80), (1, 
 
 def run_attention(ops, q, k, v, causal, dropout_p=0.0, seed=None, mask=None):
     scale = q.shape[-1] ** -0.5
-    out, lse = ops.attention_fwd(q, k, v, causal, dropout_p, scale, seed)
+    out, lse = ops.attention_fwd(q, k, v, causal, dropout_p, scale, seed, None)
     grad = torch.randn(out.shape).to(q.dtype)
-    dq, dk, dv = ops.attention_bwd(grad, q, k, v, out, lse, causal, dropout_p, scale, seed)
+    dq, dk, dv = ops.attention_bwd(grad, q, k, v, out, lse, causal, dropout_p, scale, seed, None)
     q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
     want = reference.attention(q64, k64, v64, causal, dropout_p, scale, dropout_mask=mask)
     return (out, dq, dk, dv), (want, *torch.autograd.grad(want, (q64, k64, v64), grad.double()))
@@ -261,8 +261,8 @@ def _special_inputs(dtype, seed):
 
 
 def _emulated_with_grads(ops, q, k, v, g, causal, scale):
-    out, lse = ops.attention_fwd(q, k, v, causal, 0.0, scale, None)
-    return [out, *ops.attention_bwd(g, q, k, v, out, lse, causal, 0.0, scale, None)]
+    out, lse = ops.attention_fwd(q, k, v, causal, 0.0, scale, None, None)
+    return [out, *ops.attention_bwd(g, q, k, v, out, lse, causal, 0.0, scale, None, None)]
 
 
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "full"])

@@ -3,10 +3,14 @@
 //             (running max m, running sum l, rescaled fp32 accumulator), key tiles past the diagonal are
 //             skipped, and log-sum-exp m + log(l) is saved for the backward. A row whose scores are all -inf
 //             (fully masked) gives output 0 and lse +inf, so its backward is 0 too, as in torch's SDPA.
-//   backward: one task per (batch, head): for each key tile, each visible query tile recomputes
-//             P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K, with
-//             delta = rowsum(dO * O). A head is owned by one task, so sums run in a fixed order and
+//   backward: one task per (batch, key/value head): for each key tile, each query head of its group and each
+//             visible query tile recomputes P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta),
+//             dK += dS^T Q, dQ += dS K, with delta = rowsum(dO * O). A kv head and its query group are owned by
+//             one task, so GQA's sum over the group and every other sum run in a fixed order (no atomics), and
 //             results do not depend on the thread count.
+// GQA: query head h reads key/value head h / (Hq / Hk). attn_mask (bool or additive) is read through its strides
+// (a (B, 1, 1, Tk) padding mask broadcast to (B, Hq, Tq, Tk) has stride 0 on H and Tq) and applied to each score
+// tile before the softmax, in the forward and again in the backward.
 // Tile products go to BLAS sgemm (torch's MKL) with its threading pinned to 1 inside each task; without a BLAS
 // they fall back to a plain loop nest. Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p
 // (philox.h), regenerated tile by tile in the backward, never stored.
@@ -93,6 +97,56 @@ struct Matrices {
   const float* at_head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
+// attn_mask as the kernels read it: a (B, Hq, Tq, Tk) view through its strides, never expanded in memory. A bool
+// mask replaces a masked score by -inf (masked_fill, so a NaN score there takes no part); an additive one is added.
+class AttnMask {
+ public:
+  explicit AttnMask(const std::optional<at::Tensor>& mask) {
+    if (!mask.has_value()) return;
+    data_ = mask->const_data_ptr();
+    is_bool_ = mask->scalar_type() == at::kBool;
+    sb_ = mask->stride(0), sh_ = mask->stride(1), sq_ = mask->stride(2), sk_ = mask->stride(3);
+  }
+  bool present() const { return data_ != nullptr; }
+
+  // Score row (b, h, i) over keys j0 .. j0 + n - 1.
+  void apply(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* s) const {
+    const int64_t at = b * sb_ + h * sh_ + i * sq_ + j0 * sk_;
+    if (is_bool_) {
+      const bool* keep = static_cast<const bool*>(data_) + at;
+      for (int64_t j = 0; j < n; ++j)
+        if (!keep[j * sk_]) s[j] = -std::numeric_limits<float>::infinity();
+    } else {
+      const float* add = static_cast<const float*>(data_) + at;
+      if (sk_ == 1) {
+        for (int64_t j = 0; j < n; ++j) s[j] += add[j];  // the common layout: vectorised
+      } else {
+        for (int64_t j = 0; j < n; ++j) s[j] += add[j * sk_];
+      }
+    }
+  }
+
+  // dS = 0 where the mask removes the key (false, or -inf added), also when the row's delta is NaN, as for the
+  // causal mask.
+  void zero_masked(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* ds) const {
+    const int64_t at = b * sb_ + h * sh_ + i * sq_ + j0 * sk_;
+    if (is_bool_) {
+      const bool* keep = static_cast<const bool*>(data_) + at;
+      for (int64_t j = 0; j < n; ++j)
+        if (!keep[j * sk_]) ds[j] = 0.f;
+    } else {
+      const float* add = static_cast<const float*>(data_) + at;
+      for (int64_t j = 0; j < n; ++j)
+        if (add[j * sk_] == -std::numeric_limits<float>::infinity()) ds[j] = 0.f;
+    }
+  }
+
+ private:
+  const void* data_ = nullptr;
+  bool is_bool_ = false;
+  int64_t sb_ = 0, sh_ = 0, sq_ = 0, sk_ = 0;
+};
+
 // The dropout seed's value (a CPU tensor: reading it costs no sync), 0 when dropout is off.
 inline uint64_t seed_value(const DropoutArgs& drop) { return drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0; }
 
@@ -110,12 +164,16 @@ inline void exp_row(float* s, int64_t visible, float shift) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
                                                      const at::Tensor& v_in, bool is_causal, double dropout_p,
-                                                     double scale_d, const std::optional<at::Tensor>& seed) {
+                                                     double scale_d, const std::optional<at::Tensor>& seed,
+                                                     const std::optional<at::Tensor>& attn_mask) {
   check_attention_args("chargpt::attention_fwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
+  check_attention_mask("chargpt::attention_fwd", q_in, k_in, attn_mask);
   TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_fwd on CPU supports float32, got ",
               q_in.scalar_type());
   const Matrices q(q_in), k(k_in), v(v_in);
+  const AttnMask mask(attn_mask);
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
+  const int64_t group = H / k_in.size(1);  // query heads per key/value head
   const float scale = static_cast<float>(scale_d);
   const DropoutArgs drop = dropout_args(dropout_p, seed);
   const bool dropout = drop.p > 0.f;
@@ -134,8 +192,8 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       const int64_t bh = task / q_tiles, b = bh / H, h = bh % H;
       const int64_t i0 = (task % q_tiles) * kTileQ, bq = std::min(kTileQ, Tq - i0);
       const float* qp = q.at_head(b, h) + i0 * q.st;
-      const float* kp = k.at_head(b, h);
-      const float* vp = v.at_head(b, h);
+      const float* kp = k.at_head(b, h / group);
+      const float* vp = v.at_head(b, h / group);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -151,6 +209,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
             std::fill(sr, sr + kTileK, 0.f);
             continue;
           }
+          if (mask.present()) mask.apply(b, h, i0 + r, j0, visible, sr);
           // Masked and padding columns become -inf, so the vector max and exp below need no bounds.
           for (int64_t j = visible; j < kTileK; ++j) sr[j] = -std::numeric_limits<float>::infinity();
           vfloat vmax = simd::load(sr);
@@ -200,95 +259,108 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool is_causal, double dropout_p, double scale_d,
-    const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& attn_mask) {
   check_attention_args("chargpt::attention_bwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
+  check_attention_mask("chargpt::attention_bwd", q_in, k_in, attn_mask);
   check_attention_bwd_args(grad_out_in, q_in, out_in, lse_in);
   TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_bwd on CPU supports float32, got ",
               q_in.scalar_type());
   const Matrices q(q_in), k(k_in), v(v_in), dout(grad_out_in), o(out_in);
+  const AttnMask mask(attn_mask);
   const at::Tensor lse = lse_in.contiguous();
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
+  const int64_t Hk = k_in.size(1), group = H / Hk;
   const float scale = static_cast<float>(scale_d);
   const DropoutArgs drop = dropout_args(dropout_p, seed);
   const bool dropout = drop.p > 0.f;
   const uint64_t drop_seed = seed_value(drop);
   // Not zero-filled: each tile's first contribution is written with beta = 0 (and unvisited key rows zeroed).
   at::Tensor dq = pooled_empty({B, H, Tq, D});
-  at::Tensor dk = pooled_empty({B, H, Tk, D});
-  at::Tensor dv = pooled_empty({B, H, Tk, D});
+  at::Tensor dk = pooled_empty({B, Hk, Tk, D});
+  at::Tensor dv = pooled_empty({B, Hk, Tk, D});
   const float* lse_p = lse.const_data_ptr<float>();
   float* dq_p = dq.mutable_data_ptr<float>();
   float* dk_p = dk.mutable_data_ptr<float>();
   float* dv_p = dv.mutable_data_ptr<float>();
   const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
 
-  at::parallel_for(0, B * H, parallel_grain(Tq * Tk * D), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * Hk, parallel_grain(group * Tq * Tk * D), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
     std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(dropout ? kTileQ * kTileK : 0), z(kTileK),
-        delta(Tq);
-    for (int64_t bh = begin; bh < end; ++bh) {
-      const int64_t b = bh / H, h = bh % H;
-      const float* qh = q.at_head(b, h);
-      const float* kh = k.at_head(b, h);
-      const float* vh = v.at_head(b, h);
-      const float* doh = dout.at_head(b, h);
-      const float* oh = o.at_head(b, h);
-      const float* lse_h = lse_p + bh * Tq;
-      float* dq_h = dq_p + bh * Tq * D;
+        delta(group * Tq);
+    for (int64_t bkv = begin; bkv < end; ++bkv) {
+      const int64_t b = bkv / Hk, h0 = bkv % Hk * group;  // this kv head's query heads: h0 .. h0 + group - 1
+      const float* kh = k.at_head(b, bkv % Hk);
+      const float* vh = v.at_head(b, bkv % Hk);
       const int64_t dv_end = D / kWidth * kWidth;
-      for (int64_t i = 0; i < Tq; ++i) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
-        const float* dor = doh + i * dout.st;
-        const float* orow = oh + i * o.st;
-        vfloat acc_v = simd::splat(0.f);
-        for (int64_t d = 0; d < dv_end; d += kWidth) acc_v += simd::load(dor + d) * simd::load(orow + d);
-        float sum = simd::reduce_add(acc_v);
-        for (int64_t d = dv_end; d < D; ++d) sum += dor[d] * orow[d];
-        delta[i] = sum;
+      for (int64_t g = 0; g < group; ++g) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
+        const float* doh = dout.at_head(b, h0 + g);
+        const float* oh = o.at_head(b, h0 + g);
+        for (int64_t i = 0; i < Tq; ++i) {
+          const float* dor = doh + i * dout.st;
+          const float* orow = oh + i * o.st;
+          vfloat acc_v = simd::splat(0.f);
+          for (int64_t d = 0; d < dv_end; d += kWidth) acc_v += simd::load(dor + d) * simd::load(orow + d);
+          float sum = simd::reduce_add(acc_v);
+          for (int64_t d = dv_end; d < D; ++d) sum += dor[d] * orow[d];
+          delta[g * Tq + i] = sum;
+        }
       }
       for (int64_t j0 = 0; j0 < Tk; j0 += kTileK) {
         const int64_t bk = std::min(kTileK, Tk - j0);
         const float* kj = kh + j0 * k.st;
         const float* vj = vh + j0 * v.st;
-        float* dk_j = dk_p + (bh * Tk + j0) * D;
-        float* dv_j = dv_p + (bh * Tk + j0) * D;
+        float* dk_j = dk_p + (bkv * Tk + j0) * D;
+        float* dv_j = dv_p + (bkv * Tk + j0) * D;
         const int64_t first_q_tile = is_causal ? std::min(j0, Tq) / kTileQ : 0;  // earlier queries see none of it
         float kv_beta = 0.f;  // dK/dV rows of this key tile: the first visiting query tile writes, later ones add
-        for (int64_t qt = first_q_tile; qt < q_tiles; ++qt) {
-          const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
-          if (is_causal && i0 + bq - 1 < j0) continue;
-          const float* qi = qh + i0 * q.st;
-          const float* doi = doh + i0 * dout.st;
-          gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
-          gemm(true, false, bk, bq, D, 1.f, vj, v.st, doi, dout.st, 0.f, ds.data(), kTileK);   // dP = dO V^T
-          for (int64_t r = 0; r < bq; ++r) {
-            const int64_t i = i0 + r;
-            float* pr = p.data() + r * kTileK;
-            float* dsr = ds.data() + r * kTileK;
-            const int64_t visible = visible_keys(is_causal, i, j0, bk);
-            exp_row(pr, visible, lse_h[i]);  // P, 0 where masked
-            const vfloat dl = simd::splat(delta[i]);
-            if (dropout) {
-              float* wr = w.data() + r * kTileK;
-              const uint64_t base = static_cast<uint64_t>((bh * Tq + i) * Tk + j0);
-              simd::dropout_factors(z.data(), visible, drop_seed, base, drop.p, drop.keep_scale);
-              for (int64_t j = 0; j < kTileK; j += kWidth) {
-                const vfloat pv = simd::load(pr + j), zv = simd::load(z.data() + j);
-                simd::store(wr + j, pv * zv);
-                simd::store(dsr + j, pv * (simd::load(dsr + j) * zv - dl));
+        for (int64_t g = 0; g < group; ++g) {
+          const int64_t h = h0 + g, bh = b * H + h;
+          const float* qh = q.at_head(b, h);
+          const float* doh = dout.at_head(b, h);
+          const float* lse_h = lse_p + bh * Tq;
+          const float* delta_h = delta.data() + g * Tq;
+          float* dq_h = dq_p + bh * Tq * D;
+          for (int64_t qt = first_q_tile; qt < q_tiles; ++qt) {
+            const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
+            if (is_causal && i0 + bq - 1 < j0) continue;
+            const float* qi = qh + i0 * q.st;
+            const float* doi = doh + i0 * dout.st;
+            gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
+            gemm(true, false, bk, bq, D, 1.f, vj, v.st, doi, dout.st, 0.f, ds.data(), kTileK);   // dP = dO V^T
+            for (int64_t r = 0; r < bq; ++r) {
+              const int64_t i = i0 + r;
+              float* pr = p.data() + r * kTileK;
+              float* dsr = ds.data() + r * kTileK;
+              const int64_t visible = visible_keys(is_causal, i, j0, bk);
+              if (mask.present()) mask.apply(b, h, i, j0, visible, pr);
+              exp_row(pr, visible, lse_h[i]);  // P, 0 where masked
+              const vfloat dl = simd::splat(delta_h[i]);
+              if (dropout) {
+                float* wr = w.data() + r * kTileK;
+                const uint64_t base = static_cast<uint64_t>((bh * Tq + i) * Tk + j0);
+                simd::dropout_factors(z.data(), visible, drop_seed, base, drop.p, drop.keep_scale);
+                for (int64_t j = 0; j < kTileK; j += kWidth) {
+                  const vfloat pv = simd::load(pr + j), zv = simd::load(z.data() + j);
+                  simd::store(wr + j, pv * zv);
+                  simd::store(dsr + j, pv * (simd::load(dsr + j) * zv - dl));
+                }
+              } else {
+                for (int64_t j = 0; j < kTileK; j += kWidth)
+                  simd::store(dsr + j, simd::load(pr + j) * (simd::load(dsr + j) - dl));
               }
-            } else {
-              for (int64_t j = 0; j < kTileK; j += kWidth)
-                simd::store(dsr + j, simd::load(pr + j) * (simd::load(dsr + j) - dl));
+              // Masked entries: dS = 0 exactly, also when delta is NaN (0 * NaN above).
+              if (visible < bk) std::fill(dsr + visible, dsr + bk, 0.f);
+              if (mask.present()) mask.zero_masked(b, h, i, j0, visible, dsr);
             }
-            // Masked entries: dS = 0 exactly, also when delta is NaN (0 * NaN above).
-            if (visible < bk) std::fill(dsr + visible, dsr + bk, 0.f);
+            const float* wts = dropout ? w.data() : p.data();
+            gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);     // dV += W^T dO
+            gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);  // dK += dS^T Q
+            kv_beta = 1.f;
+            // dQ += dS K; key tile 0 is every query tile's first (causal rows all see key 0).
+            gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 ? 0.f : 1.f, dq_h + i0 * D,
+                 D);
           }
-          const float* wts = dropout ? w.data() : p.data();
-          gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);      // dV += W^T dO
-          gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);   // dK += dS^T Q
-          kv_beta = 1.f;
-          // dQ += dS K; key tile 0 is every query tile's first (causal rows all see key 0).
-          gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 ? 0.f : 1.f, dq_h + i0 * D, D);
         }
         if (kv_beta == 0.f) {  // no query sees these keys (causal, Tk > Tq): their gradients are zero
           std::fill(dk_j, dk_j + bk * D, 0.f);

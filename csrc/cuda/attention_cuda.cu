@@ -17,6 +17,15 @@ namespace {
 
 // The tensor-core kernels take fp16/bf16 with d a multiple of 16 up to 128, on sm_80+ (bf16 WMMA; the kernel bodies
 // are compiled only there). Anything else takes the SIMT kernels.
+// The CUDA kernels fuse neither attn_mask nor GQA yet (kernels/ext_attention.py does not list them for CUDA, so
+// kernels.scaled_dot_product_attention never sends them here).
+void check_no_mask_or_gqa(const char* op, const at::Tensor& q, const at::Tensor& k,
+                          const std::optional<at::Tensor>& attn_mask) {
+  TORCH_CHECK(!attn_mask.has_value(), op, ": attn_mask is not supported on CUDA yet");
+  TORCH_CHECK(q.size(1) == k.size(1), op, ": GQA (fewer key/value heads than query heads) is not supported on CUDA "
+              "yet, got q ", q.sizes(), " and k ", k.sizes());
+}
+
 bool use_tensor_cores(const at::Tensor& q, int64_t d) {
   if (q.scalar_type() == at::kFloat || d % 16 != 0 || d > 128) return false;
   int major = 0;
@@ -26,9 +35,11 @@ bool use_tensor_cores(const at::Tensor& q, int64_t d) {
 
 std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, const at::Tensor& k_in,
                                                       const at::Tensor& v_in, bool is_causal, double dropout_p,
-                                                      double scale, const std::optional<at::Tensor>& seed) {
+                                                      double scale, const std::optional<at::Tensor>& seed,
+                                                      const std::optional<at::Tensor>& attn_mask) {
   const char* op = "chargpt::attention_fwd";
   check_attention_args(op, q_in, k_in, v_in, dropout_p, scale, seed);
+  check_no_mask_or_gqa(op, q_in, k_in, attn_mask);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = unit_last_dim(q_in), k = unit_last_dim(k_in), v = unit_last_dim(v_in);
   const int64_t B = q.size(0), H = q.size(1), Tq = q.size(2), Tk = k.size(2), D = q.size(3);
@@ -45,9 +56,10 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cuda(const at::Tensor& q_in, co
 std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cuda(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool is_causal, double dropout_p, double scale,
-    const std::optional<at::Tensor>& seed) {
+    const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& attn_mask) {
   const char* op = "chargpt::attention_bwd";
   check_attention_args(op, q_in, k_in, v_in, dropout_p, scale, seed);
+  check_no_mask_or_gqa(op, q_in, k_in, attn_mask);
   check_attention_bwd_args(grad_out_in, q_in, out_in, lse_in);
   const c10::cuda::CUDAGuard guard(q_in.device());
   const at::Tensor q = unit_last_dim(q_in), k = unit_last_dim(k_in), v = unit_last_dim(v_in);

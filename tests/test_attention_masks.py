@@ -1,0 +1,153 @@
+"""Attention for today's models on every fused backend that fuses them: attn_mask (bool and additive, every
+broadcast shape, read through strides), GQA/MQA and decode shapes, forward and backward, against the float64
+reference. A backend that does not list a feature (kernels.backends SUPPORTED_FEATURES) is skipped here; what the
+drop-in does then (one warning, torch's result) is tested in test_attention.py."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import kernels
+from kernels import reference
+from kernels.testing import attention_inputs, check_against_reference
+
+from conftest import FUSED_BACKENDS, device_dtype_params, require_attention_features
+
+
+def key_padding(b, tk, gen, device):
+    """(B, 1, 1, Tk) bool: each sequence keeps a random-length prefix, one of them none at all (a fully masked
+    row), the last one every key."""
+    lengths = torch.randint(1, tk + 1, (b,), generator=gen)
+    lengths[0], lengths[-1] = 0, tk
+    return (torch.arange(tk)[None, :] < lengths[:, None])[:, None, None, :].to(device)
+
+
+def make_mask(kind, b, h, tq, tk, device, dtype, seed):
+    """attn_mask of one of the forms models hand over, from fresh random numbers."""
+    gen = torch.Generator().manual_seed(seed)
+    if kind == "padding":  # (B, 1, 1, Tk), as BERT and GPT-2 with an attention_mask
+        return key_padding(b, tk, gen, device)
+    if kind == "bool-4d":  # (B, 1, Tq, Tk): transformers' combined causal + padding mask, here random
+        return (torch.rand(b, 1, tq, tk, generator=gen) > 0.4).to(device)
+    if kind == "bool-2d":  # (Tq, Tk), with whole rows and whole columns masked out
+        keep = torch.rand(tq, tk, generator=gen) > 0.3
+        keep[tq // 2] = False
+        keep[:, tk // 2] = False
+        return keep.to(device)
+    if kind == "additive":  # (B, H, Tq, Tk) float bias of q's dtype, some -inf
+        bias = torch.randn(b, h, tq, tk, generator=gen)
+        bias[torch.rand(b, h, tq, tk, generator=gen) > 0.8] = float("-inf")
+        return bias.to(device, dtype)
+    if kind == "additive-strided":  # (B, 1, Tq, Tk) transposed storage: no dim has stride 1
+        bias = torch.randn(b, tk, tq, generator=gen).transpose(1, 2)[:, None]
+        return bias.to(device, dtype)
+    raise ValueError(kind)
+
+
+MASKS = ["padding", "bool-4d", "bool-2d", "additive", "additive-strided"]
+# (B, Hq, Hk, Tq, Tk, D): odd lengths and head dims, Tq != Tk, a single query.
+MASK_SHAPES = [(2, 3, 3, 7, 7, 40), (3, 2, 2, 113, 113, 59), (2, 2, 2, 5, 19, 80), (3, 2, 2, 1, 70, 32)]
+
+
+def check(backend, q, k, v, dtype, what, attn_mask=None, is_causal=False):
+    """The backend's output and gradients against the float64 reference for the same F.sdpa call; GQA when k has
+    fewer heads than q. A fallback to torch warns, and here that is a failure."""
+    gqa = q.shape[1] != k.shape[1]
+    ref_mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
+
+    def fused(q, k, v):
+        with kernels.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return kernels.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+                                                        enable_gqa=gqa)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, is_causal, 0.0, None, ref_mask)
+
+    check_against_reference(fused, ref, (q, k, v), dtype, what)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("kind", MASKS)
+@pytest.mark.parametrize("shape", MASK_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_masks_match_reference(backend, device, dtype, kind, shape):
+    require_attention_features(backend, device, dtype, ("mask",))
+    b, hq, hk, tq, tk, d = shape
+    q, k, v = attention_inputs(b, hq, tq, tk, d, device, dtype, seed=hash((kind, shape)) % 2**31, h_kv=hk)
+    mask = make_mask(kind, b, hq, tq, tk, device, dtype, seed=7)
+    check(backend, q, k, v, dtype, f"{backend} {kind} mask", attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("hq,hk", [(6, 6), (6, 3), (6, 2), (6, 1), (8, 1)], ids=lambda x: str(x))
+@pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
+def test_gqa_matches_reference(backend, device, dtype, hq, hk, is_causal):
+    """Query groups of 1, 2, 3, 6 and 8 heads: dK/dV summed over each group inside the kernel."""
+    require_attention_features(backend, device, dtype, ("gqa",))
+    q, k, v = attention_inputs(2, hq, 37, 37, 24, device, dtype, seed=hq * 10 + hk, h_kv=hk)
+    check(backend, q, k, v, dtype, f"{backend} gqa {hq}/{hk}", is_causal=is_causal)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+def test_gqa_with_padding_mask(backend, device, dtype):
+    require_attention_features(backend, device, dtype, ("mask", "gqa"))
+    q, k, v = attention_inputs(3, 6, 29, 29, 40, device, dtype, seed=3, h_kv=2)
+    mask = make_mask("padding", 3, 6, 29, 29, device, dtype, seed=4) & torch.ones(29, 29, dtype=torch.bool,
+                                                                                  device=device).tril()
+    check(backend, q, k, v, dtype, f"{backend} gqa + mask", attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("tk", [1, 7, 1024, 4096])
+def test_decode_shapes(backend, device, dtype, tk):
+    """One new token against a KV cache (Tq = 1; causal then sees every key), with GQA and a padding mask."""
+    require_attention_features(backend, device, dtype, ("mask", "gqa"))
+    q, k, v = attention_inputs(2, 6, 1, tk, 64, device, dtype, seed=tk, h_kv=2)
+    check(backend, q, k, v, dtype, f"{backend} decode Tk={tk}", is_causal=True)
+    mask = make_mask("padding", 2, 6, 1, tk, device, dtype, seed=tk)
+    mask[0] = True  # keep one row with keys: the fully masked one is covered above
+    check(backend, q, k, v, dtype, f"{backend} decode Tk={tk} masked", attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("kind", ["padding", "additive"])
+def test_mask_with_causal_and_dropout(backend, device, dtype, kind):
+    """causal_attention combines attn_mask with the causal mask and dropout (the mask spec of kernels.reference)."""
+    require_attention_features(backend, device, dtype, ("mask", "gqa"))
+    b, hq, hk, t, p = 3, 4, 2, 37, 0.3
+    q, k, v = attention_inputs(b, hq, t, t, 24, device, dtype, seed=21, h_kv=hk)
+    mask = make_mask(kind, b, hq, t, t, device, dtype, seed=22)
+    torch.manual_seed(99)
+    keep = reference.dropout_keep_mask(int(reference.new_dropout_seed(device)), b, hq, t, t, p, device=device)
+    ref_mask = mask if mask.dtype == torch.bool else mask.double()
+
+    def fused(q, k, v):
+        torch.manual_seed(99)
+        return kernels.causal_attention(q, k, v, dropout_p=p, attn_mask=mask, enable_gqa=True, backend=backend)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, True, p, None, ref_mask, dropout_mask=keep)
+
+    check_against_reference(fused, ref, (q, k, v), dtype, f"{backend} {kind} + causal + dropout")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+def test_mask_is_not_materialised_and_gets_no_gradient(backend):
+    """The (B, 1, 1, Tk) mask reaches the kernel as a stride-0 view; a mask that requires grad falls back."""
+    require_attention_features(backend, "cpu", torch.float32, ("mask",))
+    q, k, v = attention_inputs(2, 3, 9, 9, 16, "cpu", torch.float32, seed=0)
+    bias = torch.randn(2, 1, 1, 9, requires_grad=True)
+    with kernels.use_backend(backend), pytest.warns(UserWarning, match="requires grad"):
+        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    out.sum().backward()
+    torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
+    with pytest.raises(ValueError, match="must not require grad"):
+        kernels.causal_attention(q, k, v, attn_mask=bias, backend=backend)
+
