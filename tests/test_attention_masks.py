@@ -29,6 +29,10 @@ def make_mask(kind, b, h, tq, tk, device, dtype, seed):
     gen = torch.Generator().manual_seed(seed)
     if kind == "padding":  # (B, 1, 1, Tk), as BERT and GPT-2 with an attention_mask
         return key_padding(b, tk, gen, device)
+    if kind == "left-padding":  # (B, 1, 1, Tk) keeping a suffix: with Tk > 64 whole leading key tiles are masked
+        lengths = torch.full((b,), max(1, tk // 3))
+        lengths[0], lengths[-1] = 0, tk
+        return (torch.arange(tk)[None, :] >= tk - lengths[:, None])[:, None, None, :].to(device)
     if kind == "bool-4d":  # (B, 1, Tq, Tk): transformers' combined causal + padding mask, here random
         return (torch.rand(b, 1, tq, tk, generator=gen) > 0.4).to(device)
     if kind == "bool-2d":  # (Tq, Tk), with whole rows and whole columns masked out
@@ -46,7 +50,7 @@ def make_mask(kind, b, h, tq, tk, device, dtype, seed):
     raise ValueError(kind)
 
 
-MASKS = ["padding", "bool-4d", "bool-2d", "additive", "additive-strided"]
+MASKS = ["padding", "left-padding", "bool-4d", "bool-2d", "additive", "additive-strided"]
 # (B, Hq, Hk, Tq, Tk, D): odd lengths and head dims, Tq != Tk, a single query.
 MASK_SHAPES = [(2, 3, 3, 7, 7, 40), (3, 2, 2, 113, 113, 59), (2, 2, 2, 5, 19, 80), (3, 2, 2, 1, 70, 32)]
 

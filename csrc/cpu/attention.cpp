@@ -126,6 +126,19 @@ class AttnMask {
     }
   }
 
+  // True when a bool mask removes every key of tile [i0, i0 + bq) x [j0, j0 + bk): the tile contributes nothing and
+  // is skipped (the causal half of a transformers 4-D mask, the padding of a short sequence). An additive mask is
+  // never skipped: a NaN score plus -inf stays NaN there, as in torch.
+  bool removes_tile(int64_t b, int64_t h, int64_t i0, int64_t bq, int64_t j0, int64_t bk) const {
+    if (!is_bool_) return false;
+    const bool* keep = static_cast<const bool*>(data_) + b * sb_ + h * sh_ + i0 * sq_ + j0 * sk_;
+    const int64_t rows = sq_ == 0 ? 1 : bq;  // a padding mask repeats one row
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t j = 0; j < bk; ++j)
+        if (keep[r * sq_ + j * sk_]) return false;
+    return true;
+  }
+
   // dS = 0 where the mask removes the key (false, or -inf added), also when the row's delta is NaN, as for the
   // causal mask.
   void zero_masked(int64_t b, int64_t h, int64_t i, int64_t j0, int64_t n, float* ds) const {
@@ -200,6 +213,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
       const int64_t key_end = is_causal ? std::min(Tk, i0 + bq) : Tk;  // causal: later key tiles are skipped
       for (int64_t j0 = 0; j0 < key_end; j0 += kTileK) {
         const int64_t bk = std::min(kTileK, key_end - j0);
+        if (mask.present() && mask.removes_tile(b, h, i0, bq, j0, bk)) continue;
         // S (bq x bk, row-major, ld kTileK) = scale * Q K^T, i.e. column-major S^T = K Q^T.
         gemm(true, false, bk, bq, D, scale, kp + j0 * k.st, k.st, qp, q.st, 0.f, s.data(), kTileK);
         for (int64_t r = 0; r < bq; ++r) {
@@ -293,6 +307,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       const float* kh = k.at_head(b, bkv % Hk);
       const float* vh = v.at_head(b, bkv % Hk);
       const int64_t dv_end = D / kWidth * kWidth;
+      float* dq_group = dq_p + (b * H + h0) * Tq * D;  // the group's query heads are adjacent
+      if (mask.present()) std::fill(dq_group, dq_group + group * Tq * D, 0.f);
       for (int64_t g = 0; g < group; ++g) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
         const float* doh = dout.at_head(b, h0 + g);
         const float* oh = o.at_head(b, h0 + g);
@@ -324,6 +340,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
           for (int64_t qt = first_q_tile; qt < q_tiles; ++qt) {
             const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
             if (is_causal && i0 + bq - 1 < j0) continue;
+            if (mask.present() && mask.removes_tile(b, h, i0, bq, j0, bk)) continue;
             const float* qi = qh + i0 * q.st;
             const float* doi = doh + i0 * dout.st;
             gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
@@ -357,9 +374,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);     // dV += W^T dO
             gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);  // dK += dS^T Q
             kv_beta = 1.f;
-            // dQ += dS K; key tile 0 is every query tile's first (causal rows all see key 0).
-            gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 ? 0.f : 1.f, dq_h + i0 * D,
-                 D);
+            // dQ += dS K. Without a mask key tile 0 is every query tile's first (causal rows all see key 0), which
+            // writes; with one that tile may be skipped, so dQ starts zeroed instead.
+            gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 && !mask.present() ? 0.f : 1.f,
+                 dq_h + i0 * D, D);
           }
         }
         if (kv_beta == 0.f) {  // no query sees these keys (causal, Tk > Tq): their gradients are zero
