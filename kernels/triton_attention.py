@@ -15,6 +15,12 @@ gives 0 output and 0 gradients, as torch does: the running max starts finite and
 Inputs are read through their strides, so the (B, T, H, D) -> (B, H, T, D) transpose views of nanoGPT are never
 copied.
 
+attn_mask (bool, True = take part, or additive float) is read through its strides (a (B, 1, 1, Tk) padding mask
+broadcast to (B, H, Tq, Tk) has stride 0 on H and Tq, never expanded) and applied to every score tile, forward and
+backward; a bool mask replaces removed scores by -inf (as masked_fill), an additive one is added (in log2 units).
+GQA: query head h reads key/value head h // GROUP; each dK/dV program owns one key block of one kv head and loops
+over its GROUP query heads, so the sum over the group runs in a fixed order, without atomics.
+
 Dropout (spec in kernels.reference): the keep-mask of entry (b, h, i, j) is tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j)
 >= p, drawn from a seed tensor taken from torch's generator once per forward call and regenerated - never
 stored - in both backward kernels.
@@ -36,6 +42,9 @@ fix_interpreter_loop_bounds()
 SUPPORTED_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.float16)}
 LOG2_E = 1.4426950408889634
 FLOAT32_LOWEST = tl.constexpr(-3.4028234663852886e38)  # -torch.finfo(torch.float32).max
+LOG2_E_JIT = tl.constexpr(LOG2_E)
+# Padding and 4-D masks and GQA are fused on every device this backend runs on.
+SUPPORTED_FEATURES = {"cuda": ("mask", "gqa"), "cpu": ("mask", "gqa")}
 
 
 def _configs(rows):
@@ -78,31 +87,35 @@ CONFIGS = {"forward": FORWARD_CONFIGS, "dkdv": DKDV_CONFIGS, "dq": DQ_CONFIGS}
 MAX_LIVE_FP32_PER_THREAD = {"sm_90+": 128, "older": 120}
 MAX_SHARED_MEMORY_BYTES = 160 * 1024
 PHILOX_COST = 4  # a score tile under dropout holds about four times the registers (the Philox state)
+MASK_COST = 4  # an attn_mask tile: its 64-bit addresses (two registers an entry) and the values
 
 
 def head_dim_block(head_dim):
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _cost(kernel, config, block_d, element_size, dropout):
+def _cost(kernel, config, block_d, element_size, dropout, masked, gqa):
     """(fp32 values live per thread, shared-memory bytes): a rough model of one config's footprint.
 
     Live values: the fp32 accumulators of the owned rows (dK and dV: two BLOCK_N x BLOCK_D tiles; forward and
-    dQ: one BLOCK_M x BLOCK_D tile) plus the BLOCK_M x BLOCK_N score tiles (two in the backward: P and dP).
+    dQ: one BLOCK_M x BLOCK_D tile) plus the BLOCK_M x BLOCK_N score tiles (two in the backward: P and dP) and,
+    with an attn_mask, its tile. Under GQA the dK/dV accumulators are carried around the loop over the query group,
+    which (measured at sm_90 and sm_80) costs about their size again.
     Shared memory: the owned rows' two input tiles plus num_stages pipelined copies of the two streamed tiles."""
     m, n = config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]
     owned, swept = (n, m) if kernel == "dkdv" else (m, n)
-    accumulators = (2 if kernel == "dkdv" else 1) * owned * block_d
-    scores = (1 if kernel == "forward" else 2) * m * n * (PHILOX_COST if dropout else 1)
+    accumulators = (2 if kernel == "dkdv" else 1) * owned * block_d * (2 if gqa and kernel == "dkdv" else 1)
+    scores = (1 if kernel == "forward" else 2) * m * n * (PHILOX_COST if dropout else 1) + masked * MASK_COST * m * n
     shared = (2 * owned + 2 * config.num_stages * swept) * block_d * element_size
     return (accumulators + scores) / (32 * config.num_warps), shared
 
 
-def configs_for(kernel, seq_len, head_dim, element_size, dropout, capability):
-    """The autotune candidates of `kernel` worth trying for this shape on compute capability `capability` (e.g.
-    90 for sm_90; float32: FP32_CONFIGS): no tile much longer than the sequence (all padding), none whose
-    estimated registers or shared memory overflow (see `_cost`). Never empty: when nothing fits, the config
-    with the fewest live values per thread is kept."""
+def configs_for(kernel, seq_len, head_dim, element_size, dropout, capability, masked=False, gqa=False):
+    """The autotune candidates of `kernel` worth trying for this shape (with an attn_mask when `masked`, several
+    query heads per kv head when `gqa`) on compute capability `capability` (e.g. 90 for sm_90; float32:
+    FP32_CONFIGS): no tile much longer than the sequence (all padding), none whose estimated registers or shared
+    memory overflow (see `_cost`). Never empty: when nothing fits, the config with the fewest live values per
+    thread is kept."""
     if triton_interpreted():
         return INTERPRETER_CONFIGS[kernel]
     if element_size == 4:
@@ -110,7 +123,8 @@ def configs_for(kernel, seq_len, head_dim, element_size, dropout, capability):
     block_d = head_dim_block(head_dim)
     longest = max(32, triton.next_power_of_2(seq_len))
     max_live = MAX_LIVE_FP32_PER_THREAD["sm_90+" if capability >= 90 else "older"]
-    costs = [(config, *_cost(kernel, config, block_d, element_size, dropout)) for config in CONFIGS[kernel]]
+    costs = [(config, *_cost(kernel, config, block_d, element_size, dropout, masked, gqa))
+             for config in CONFIGS[kernel]]
     kept = [config for config, live, shared in costs
             if max(config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"]) <= longest
             and live <= max_live and shared <= MAX_SHARED_MEMORY_BYTES]
@@ -125,16 +139,17 @@ def _capability(device):
 _autotuners = {}
 
 
-def _autotuned(kernel_name, kernel, q, seq_len, dropout):
-    """One autotuner per (kernel, sequence-length bucket, head dim, dtype, dropout, GPU generation): the pruned
-    candidates differ by all of these, and bucketing by the next power of two keeps token-by-token sampling from
-    re-tuning."""
+def _autotuned(kernel_name, kernel, q, seq_len, dropout, masked, gqa):
+    """One autotuner per (kernel, sequence-length bucket, head dim, dtype, dropout, mask, GQA, GPU generation): the
+    pruned candidates differ by all of these, and bucketing by the next power of two keeps token-by-token sampling
+    from re-tuning."""
     capability = 0 if triton_interpreted() else _capability(q.device)
     bucket = triton.next_power_of_2(seq_len)
-    key = (kernel_name, bucket, q.shape[-1], q.element_size(), dropout, capability)
+    key = (kernel_name, bucket, q.shape[-1], q.element_size(), dropout, masked, gqa, capability)
     if key not in _autotuners:
-        configs = configs_for(kernel_name, bucket, q.shape[-1], q.element_size(), dropout, capability)
-        _autotuners[key] = triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT"])(kernel)
+        configs = configs_for(kernel_name, bucket, q.shape[-1], q.element_size(), dropout, capability, masked, gqa)
+        _autotuners[key] = triton.autotune(configs, key=["HEAD_DIM", "IS_CAUSAL", "HAS_DROPOUT", "GROUP",
+                                                         "MASK_BOOL"])(kernel)
     return _autotuners[key]
 
 
@@ -236,16 +251,42 @@ def _visible(query_index, key_index, swept_index, swept_len, IS_CAUSAL: tl.const
     return visible
 
 
+@triton.jit
+def _load_mask(Mask_head, query_index, key_index, stride_mm, stride_mn, T_Q, T_K):
+    """attn_mask at the (broadcast 2-D) index tiles query_index x key_index, read through its strides; 0 outside."""
+    inside = (query_index < T_Q) & (key_index < T_K)
+    return tl.load(Mask_head + query_index * stride_mm + key_index * stride_mn, mask=inside, other=0)
+
+
+@triton.jit
+def _with_mask(scores, m, MASK_BOOL: tl.constexpr):
+    """Scores (log2 units) under mask values m: a bool mask (as uint8) puts -inf where it removes the key, an
+    additive one is added (converted to log2 units)."""
+    if MASK_BOOL:
+        return tl.where(m != 0, scores, float("-inf"))
+    else:
+        return scores + m.to(tl.float32) * LOG2_E_JIT
+
+
+@triton.jit
+def _removed(m, MASK_BOOL: tl.constexpr):
+    """Where mask values m take the key out entirely (dS is exactly 0 there, as for the causal mask)."""
+    if MASK_BOOL:
+        return m == 0
+    else:
+        return m == float("-inf")
+
+
 # The sweeps take first what differs between their calls: the carried state, the block range [lo, hi) and whether
 # it needs masking. The rest (tiles held in registers, the swept matrices, scalars, constexprs) is the same in every
 # call of one kernel.
 
 @triton.jit
 def _forward_sweep(acc, row_max, row_sum, key_lo, key_hi, MASKED: tl.constexpr,
-                   q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-                   seed, rng_base, dropout_p, dropout_scale,
-                   IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                   BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+                   q, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                   Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                   HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # Online softmax over key blocks [key_lo, key_hi): rescale what has been accumulated whenever the row max
     # grows. Dropout zeroes probabilities after they enter the row sum, so the normalizer is the undropped one.
     offs_d = tl.arange(0, BLOCK_D)
@@ -256,6 +297,9 @@ def _forward_sweep(acc, row_max, row_sum, key_lo, key_hi, MASKED: tl.constexpr,
         if MASKED:
             visible = _visible(offs_m[:, None], offs_n[None, :], offs_n[None, :], T_K, IS_CAUSAL)
             scores = tl.where(visible, scores, float("-inf"))
+        if HAS_MASK:
+            m = _load_mask(Mask_head, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, T_Q, T_K)
+            scores = _with_mask(scores, m, MASK_BOOL)
         new_max = tl.maximum(row_max, tl.max(scores, 1))
         p = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
@@ -271,15 +315,18 @@ def _forward_sweep(acc, row_max, row_sum, key_lo, key_hi, MASKED: tl.constexpr,
 
 
 @triton.jit
-def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
+def _attention_forward(Q, K, V, Out, LSE, Mask, seed_ptr,
                        stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides; columns unit
-                       stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
-                       stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
+                       stride_kb, stride_kh, stride_kn,  # k (B, H / GROUP, Tk, D)
+                       stride_vb, stride_vh, stride_vn,  # v (B, H / GROUP, Tk, D)
                        stride_ob, stride_oh, stride_om,  # out (B, H, Tq, D)
-                       H, T_Q, T_K, qk_scale,  # heads, lengths, scale * log2(e)
+                       stride_mb, stride_mh, stride_mm, stride_mn,  # attn_mask (B, H, Tq, Tk), 0 where broadcast
+                       H, T_Q, T_K, qk_scale,  # query heads, lengths, scale * log2(e)
                        dropout_p, dropout_scale,  # p and 1 / (1 - p)
-                       IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                       BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                       GROUP: tl.constexpr,  # query heads per key/value head (1: no GQA)
+                       IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                       HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks) x (B*H). Key blocks below the diagonal and inside T_K run unmasked; the (at most a
     # couple of) blocks on the diagonal or at the T_K tail run masked; blocks in the future are never visited.
     start_m, b, h, bh = _program_head(T_Q, H, BLOCK_M)
@@ -287,8 +334,9 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q = _load_rows(Q + b * stride_qb + h * stride_qh, offs_m, offs_d, stride_qm, T_Q, True, HEAD_DIM, BLOCK_D)
-    K_head = K + b * stride_kb + h * stride_kh
-    V_head = V + b * stride_vb + h * stride_vh
+    K_head = K + b * stride_kb + h // GROUP * stride_kh
+    V_head = V + b * stride_vb + h // GROUP * stride_vh
+    Mask_head = Mask + b * stride_mb + h * stride_mh
 
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     # The max starts at the lowest finite float, not -inf: nothing changes for finite scores (only -inf is lower),
@@ -298,19 +346,21 @@ def _attention_forward(Q, K, V, Out, LSE, seed_ptr,
     row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
     unmasked_hi, key_hi = _key_ranges(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
     acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, 0, unmasked_hi, False,
-                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-                                           seed, rng_base, dropout_p, dropout_scale,
-                                           IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                                           Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p,
+                                           dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM,
+                                           BLOCK_D, BLOCK_N)
     acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, unmasked_hi, key_hi, True,
-                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-                                           seed, rng_base, dropout_p, dropout_scale,
-                                           IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                                           Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p,
+                                           dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM,
+                                           BLOCK_D, BLOCK_N)
 
     # row_sum is >= 1 once a row has a finite score, 0 for a row whose every visible score is -inf: that row
     # gives 0 (as torch), and lse = +inf makes the backward's exp2(s - lse) = 0 for all its keys.
     # (lse first: row_max is then dead during the output's division, which keeps M=32 N=32 w4 at D=128 unspilled.)
     no_key = row_sum == 0.0
-    lse = tl.where(no_key, float("inf"), row_max + tl.log2(row_sum))
+    lse = tl.where(no_key, float("inf"), row_max + tl.log2(tl.where(no_key, 1.0, row_sum)))  # no log2(0) taken
     tl.store(LSE + bh * T_Q + offs_m, lse, mask=offs_m < T_Q)
     _store_rows(Out + b * stride_ob + h * stride_oh, acc / tl.where(no_key, 1.0, row_sum)[:, None], offs_m, offs_d,
                 stride_om, T_Q, HEAD_DIM)
@@ -335,9 +385,9 @@ def _attention_backward_delta(Out, dOut, Delta,
 @triton.jit
 def _dkdv_sweep(dk, dv, query_lo, query_hi, MASKED: tl.constexpr,
                 k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K, qk_scale,
-                seed, rng_base, dropout_p, dropout_scale,
-                IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+                Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
     # Transposed tiles (keys x queries): P^T = exp2(k q^T * scale - lse), dV += (P*Z)^T dO,
     # dP^T = Z * (v dO^T), dS^T = P^T * (dP^T - delta), dK += dS^T q, with Z = keep / (1 - p) under dropout.
     offs_d = tl.arange(0, BLOCK_D)
@@ -351,7 +401,11 @@ def _dkdv_sweep(dk, dv, query_lo, query_hi, MASKED: tl.constexpr,
         else:
             lse = tl.load(LSE_head + offs_m)
             delta = tl.load(Delta_head + offs_m)
-        p_t = tl.exp2(_matmul(k, tl.trans(q), None) * qk_scale - lse[None, :])
+        s_t = _matmul(k, tl.trans(q), None) * qk_scale
+        if HAS_MASK:
+            m_t = _load_mask(Mask_head, offs_m[None, :], offs_n[:, None], stride_mm, stride_mn, T_Q, T_K)
+            s_t = _with_mask(s_t, m_t, MASK_BOOL)
+        p_t = tl.exp2(s_t - lse[None, :])
         if MASKED:
             visible_t = _visible(offs_m[None, :], offs_n[:, None], offs_m[None, :], T_Q, IS_CAUSAL)
             p_t = tl.where(visible_t, p_t, 0.0)
@@ -365,68 +419,104 @@ def _dkdv_sweep(dk, dv, query_lo, query_hi, MASKED: tl.constexpr,
         ds_t = p_t * (dp_t - delta[None, :])
         if MASKED:  # exactly 0 where masked, also when the row's delta is NaN: a NaN must not reach unseen keys
             ds_t = tl.where(visible_t, ds_t, 0.0)
+        if HAS_MASK:
+            ds_t = tl.where(_removed(m_t, MASK_BOOL), 0.0, ds_t)
         dk = _matmul(ds_t.to(q.dtype), q, dk)
     return dk, dv
 
 
 @triton.jit
-def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, seed_ptr,
-                             stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides
-                             stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
-                             stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
-                             stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
-                             stride_dkb, stride_dkh, stride_dkn,  # dK (B, H, Tk, D)
-                             stride_dvb, stride_dvh, stride_dvn,  # dV (B, H, Tk, D)
-                             H, T_Q, T_K, qk_scale, scale,  # heads, lengths, scale * log2(e), scale
-                             dropout_p, dropout_scale,  # p and 1 / (1 - p)
-                             IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
-    # Grid: (key blocks) x (B*H): k and v stay in registers while query blocks stream past. Causal: queries before
-    # the key block never see it (skipped); query blocks crossing the diagonal and the T_Q tail run masked.
-    start_n, b, h, bh = _program_head(T_K, H, BLOCK_N)
+def _dkdv_head(dk, dv, b, h, k, v, offs_n, start_n,
+               Q, stride_qb, stride_qh, stride_qm, dOut, stride_dob, stride_doh, stride_dom, LSE, Delta,
+               Mask, stride_mb, stride_mh, stride_mm, stride_mn, seed_ptr, H, T_Q, T_K, qk_scale,
+               dropout_p, dropout_scale,
+               IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+               HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """dK and dV of one key block accumulated over the query blocks of query head h: the diagonal blocks, the
+    blocks that see all of it, the T_Q tail."""
+    bh = b * H + h
     seed, rng_base = _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + b * stride_kb + h * stride_kh, offs_n, offs_d, stride_kn, T_K, True, HEAD_DIM, BLOCK_D)
-    v = _load_rows(V + b * stride_vb + h * stride_vh, offs_n, offs_d, stride_vn, T_K, True, HEAD_DIM, BLOCK_D)
     Q_head = Q + b * stride_qb + h * stride_qh
     dO_head = dOut + b * stride_dob + h * stride_doh
     LSE_head = LSE + bh * T_Q
     Delta_head = Delta + bh * T_Q
-
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    Mask_head = Mask + b * stride_mb + h * stride_mh
     query_lo, diagonal_hi, full_hi = _query_ranges(start_n, T_Q, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dk, dv = _dkdv_sweep(dk, dv, query_lo, diagonal_hi, True,
                          k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
-                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+                         qk_scale, Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
     dk, dv = _dkdv_sweep(dk, dv, diagonal_hi, full_hi, False,
                          k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
-                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+                         qk_scale, Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
     dk, dv = _dkdv_sweep(dk, dv, tl.maximum(diagonal_hi, full_hi), T_Q, True,
                          k, v, offs_n, Q_head, stride_qm, dO_head, stride_dom, LSE_head, Delta_head, T_Q, T_K,
-                         qk_scale, seed, rng_base, dropout_p, dropout_scale,
-                         IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+                         qk_scale, Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                         IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_M)
+    return dk, dv
 
-    _store_rows(dK + b * stride_dkb + h * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, T_K, HEAD_DIM)
-    _store_rows(dV + b * stride_dvb + h * stride_dvh, dv, offs_n, offs_d, stride_dvn, T_K, HEAD_DIM)
+
+@triton.jit
+def _attention_backward_dkdv(Q, K, V, dOut, LSE, Delta, dK, dV, Mask, seed_ptr,
+                             stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides
+                             stride_kb, stride_kh, stride_kn,  # k (B, H / GROUP, Tk, D)
+                             stride_vb, stride_vh, stride_vn,  # v (B, H / GROUP, Tk, D)
+                             stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
+                             stride_mb, stride_mh, stride_mm, stride_mn,  # attn_mask (B, H, Tq, Tk)
+                             stride_dkb, stride_dkh, stride_dkn,  # dK (B, H / GROUP, Tk, D)
+                             stride_dvb, stride_dvh, stride_dvn,  # dV (B, H / GROUP, Tk, D)
+                             H, T_Q, T_K, qk_scale, scale,  # query heads, lengths, scale * log2(e), scale
+                             dropout_p, dropout_scale,  # p and 1 / (1 - p)
+                             GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                             MASK_BOOL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
+                             BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid: (key blocks) x (B * kv heads): k and v stay in registers while the query blocks of each of the GROUP
+    # query heads stream past, in head order. Causal: queries before the key block never see it (skipped); query
+    # blocks crossing the diagonal and the T_Q tail run masked.
+    start_n, b, h_kv, _ = _program_head(T_K, H // GROUP, BLOCK_N)
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    k = _load_rows(K + b * stride_kb + h_kv * stride_kh, offs_n, offs_d, stride_kn, T_K, True, HEAD_DIM, BLOCK_D)
+    v = _load_rows(V + b * stride_vb + h_kv * stride_vh, offs_n, offs_d, stride_vn, T_K, True, HEAD_DIM, BLOCK_D)
+    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    if GROUP == 1:  # no loop around the sweeps: a loop-carried dK/dV costs registers (and spills) at sm_90
+        dk, dv = _dkdv_head(dk, dv, b, h_kv, k, v, offs_n, start_n,
+                            Q, stride_qb, stride_qh, stride_qm, dOut, stride_dob, stride_doh, stride_dom, LSE, Delta,
+                            Mask, stride_mb, stride_mh, stride_mm, stride_mn, seed_ptr, H, T_Q, T_K, qk_scale,
+                            dropout_p, dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM,
+                            BLOCK_D, BLOCK_M, BLOCK_N)
+    else:
+        for h in range(h_kv * GROUP, h_kv * GROUP + GROUP):
+            dk, dv = _dkdv_head(dk, dv, b, h, k, v, offs_n, start_n,
+                                Q, stride_qb, stride_qh, stride_qm, dOut, stride_dob, stride_doh, stride_dom, LSE,
+                                Delta, Mask, stride_mb, stride_mh, stride_mm, stride_mn, seed_ptr, H, T_Q, T_K,
+                                qk_scale, dropout_p, dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT,
+                                HEAD_DIM, BLOCK_D, BLOCK_M, BLOCK_N)
+
+    _store_rows(dK + b * stride_dkb + h_kv * stride_dkh, dk * scale, offs_n, offs_d, stride_dkn, T_K, HEAD_DIM)
+    _store_rows(dV + b * stride_dvb + h_kv * stride_dvh, dv, offs_n, offs_d, stride_dvn, T_K, HEAD_DIM)
 
 
 @triton.jit
 def _dq_sweep(dq, key_lo, key_hi, MASKED: tl.constexpr,
-              q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-              seed, rng_base, dropout_p, dropout_scale,
-              IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-              BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
+              q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+              Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+              IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+              HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr):
     # P = exp2(q k^T * scale - lse), dP = Z * (dO v^T), dS = P * (dP - delta), dQ += dS k.
     offs_d = tl.arange(0, BLOCK_D)
     for start_n in range(key_lo, key_hi, BLOCK_N):
         offs_n = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K_head, offs_n, offs_d, stride_kn, T_K, MASKED, HEAD_DIM, BLOCK_D)
         v = _load_rows(V_head, offs_n, offs_d, stride_vn, T_K, MASKED, HEAD_DIM, BLOCK_D)
-        p = tl.exp2(_matmul(q, tl.trans(k), None) * qk_scale - lse[:, None])
+        s = _matmul(q, tl.trans(k), None) * qk_scale
+        if HAS_MASK:
+            m = _load_mask(Mask_head, offs_m[:, None], offs_n[None, :], stride_mm, stride_mn, T_Q, T_K)
+            s = _with_mask(s, m, MASK_BOOL)
+        p = tl.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(_visible(offs_m[:, None], offs_n[None, :], offs_n[None, :], T_K, IS_CAUSAL), p, 0.0)
         dp = _matmul(do, tl.trans(v), None)
@@ -434,21 +524,26 @@ def _dq_sweep(dq, key_lo, key_hi, MASKED: tl.constexpr,
             keep = _dropout_keep(seed, rng_base, offs_m[:, None], offs_n[None, :], T_K, dropout_p)
             dp = tl.where(keep, dp * dropout_scale, 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_MASK:
+            ds = tl.where(_removed(m, MASK_BOOL), 0.0, ds)
         dq = _matmul(ds.to(k.dtype), k, dq)
     return dq
 
 
 @triton.jit
-def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
+def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, Mask, seed_ptr,
                            stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides
-                           stride_kb, stride_kh, stride_kn,  # k (B, H, Tk, D)
-                           stride_vb, stride_vh, stride_vn,  # v (B, H, Tk, D)
+                           stride_kb, stride_kh, stride_kn,  # k (B, H / GROUP, Tk, D)
+                           stride_vb, stride_vh, stride_vn,  # v (B, H / GROUP, Tk, D)
                            stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
+                           stride_mb, stride_mh, stride_mm, stride_mn,  # attn_mask (B, H, Tq, Tk)
                            stride_dqb, stride_dqh, stride_dqm,  # dQ (B, H, Tq, D)
-                           H, T_Q, T_K, qk_scale, scale,  # heads, lengths, scale * log2(e), scale
+                           H, T_Q, T_K, qk_scale, scale,  # query heads, lengths, scale * log2(e), scale
                            dropout_p, dropout_scale,  # p and 1 / (1 - p)
-                           IS_CAUSAL: tl.constexpr, HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr,
-                           BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+                           GROUP: tl.constexpr, IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr,
+                           MASK_BOOL: tl.constexpr,
+                           HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                           BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     # Grid: (query blocks) x (B*H): the forward's loop structure, with q, dO, lse and delta held in registers.
     start_m, b, h, bh = _program_head(T_Q, H, BLOCK_M)
     seed, rng_base = _dropout_stream(seed_ptr, bh, T_Q, T_K, HAS_DROPOUT)
@@ -459,17 +554,20 @@ def _attention_backward_dq(Q, K, V, dOut, LSE, Delta, dQ, seed_ptr,
                     BLOCK_D)
     lse = tl.load(LSE + bh * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
     delta = tl.load(Delta + bh * T_Q + offs_m, mask=offs_m < T_Q, other=0.0)
-    K_head = K + b * stride_kb + h * stride_kh
-    V_head = V + b * stride_vb + h * stride_vh
+    K_head = K + b * stride_kb + h // GROUP * stride_kh
+    V_head = V + b * stride_vb + h // GROUP * stride_vh
+    Mask_head = Mask + b * stride_mb + h * stride_mh
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     unmasked_hi, key_hi = _key_ranges(start_m, T_K, IS_CAUSAL, BLOCK_M, BLOCK_N)
     dq = _dq_sweep(dq, 0, unmasked_hi, False,
-                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-                   seed, rng_base, dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                   Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
     dq = _dq_sweep(dq, unmasked_hi, key_hi, True,
-                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_K, qk_scale,
-                   seed, rng_base, dropout_p, dropout_scale, IS_CAUSAL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
+                   q, do, lse, delta, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                   Mask_head, stride_mm, stride_mn, seed, rng_base, dropout_p, dropout_scale,
+                   IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM, BLOCK_D, BLOCK_N)
     _store_rows(dQ + b * stride_dqb + h * stride_dqh, dq * scale, offs_m, offs_d, stride_dqm, T_Q, HEAD_DIM)
 
 
@@ -489,37 +587,58 @@ def _bht_strides(t):
     return t.stride(0), t.stride(1), t.stride(2)
 
 
+def _group(q, k):
+    """Query heads per key/value head (1 without GQA, and for zero heads)."""
+    return q.shape[1] // k.shape[1] if k.shape[1] else 1
+
+
 def _dropout_args(dropout_p):
     return dropout_p, (1.0 / (1.0 - dropout_p) if dropout_p > 0.0 else 1.0)
 
 
+def _mask_args(mask, q):
+    """(tensor, strides, HAS_MASK, MASK_BOOL) for the kernels: a bool mask is read as uint8 (same bytes); no mask
+    passes q as a never-read placeholder."""
+    if mask is None:
+        return q, (0, 0, 0, 0), False, False
+    is_bool = mask.dtype == torch.bool
+    return (mask.view(torch.uint8) if is_bool else mask), tuple(mask.stride()), True, is_bool
+
+
 @torch.library.triton_op("chargpt_triton::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
-                      is_causal: bool, dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """(out, lse): out contiguous, of q's shape and dtype; lse (B, H, Tq) float32 in log2 units. `seed` is required
-    when dropout_p > 0."""
+                      mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
+                      scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse) for q (B, H, Tq, D), k and v (B, H / GROUP, Tk, D): out contiguous, of q's shape and dtype; lse
+    (B, H, Tq) float32 in log2 units. `mask` is None or a (B, H, Tq, Tk) view; `seed` is required when
+    dropout_p > 0."""
     q, k, v = _unit_last_stride(q), _unit_last_stride(k), _unit_last_stride(v)
     batch, heads, t_q, head_dim = q.shape
     t_k = k.shape[2]
     out = _new_like(q)
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
-    kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0)
+    mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
+    kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0, has_mask,
+                        _group(q, k) > 1)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     wrap_triton(kernel)[grid](
-        q, k, v, out, lse, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
-        heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p),
-        IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
+        q, k, v, out, lse, mask_t, seed, *_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(out),
+        *mask_strides, heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p), GROUP=_group(q, k),
+        IS_CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool, HAS_DROPOUT=dropout_p > 0.0,
+        HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim))
     return out, lse
 
 
 @torch.library.triton_op("chargpt_triton::attention_backward", mutates_args=())
 def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-                       out: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor], is_causal: bool,
-                       dropout_p: float, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) from the forward's out and lse; the dropout mask is regenerated from the same seed."""
+                       out: torch.Tensor, lse: torch.Tensor, seed: Optional[torch.Tensor],
+                       mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
+                       scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(dq, dk, dv) from the forward's out and lse; the dropout mask is regenerated from the same seed. dk and dv
+    sum over each kv head's query group."""
     grad_out, q, k, v, out = (_unit_last_stride(t) for t in (grad_out, q, k, v, out))
     batch, heads, t_q, head_dim = q.shape
-    t_k = k.shape[2]
+    t_k, kv_heads = k.shape[2], k.shape[1]
     block_d = head_dim_block(head_dim)
     delta = torch.empty_like(lse)
     dq, dk, dv = _new_like(q), _new_like(k), _new_like(v)  # of expanded inputs too: autograd sums them
@@ -527,40 +646,47 @@ def attention_backward(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor,
         out, grad_out, delta, *_bht_strides(out), *_bht_strides(grad_out), heads, t_q,
         HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=DELTA_BLOCK_M)
 
-    common = dict(IS_CAUSAL=is_causal, HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=block_d)
+    mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
+    common = dict(GROUP=_group(q, k), IS_CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+                  HAS_DROPOUT=dropout_p > 0.0,
+                  HEAD_DIM=head_dim, BLOCK_D=block_d)
     scalars = (heads, t_q, t_k, scale * LOG2_E, scale, *_dropout_args(dropout_p))
-    inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out))
-    dkdv = _autotuned("dkdv", _attention_backward_dkdv, q, max(t_q, t_k), dropout_p > 0.0)
-    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * batch * heads,)  # noqa: E731
+    inputs = (*_bht_strides(q), *_bht_strides(k), *_bht_strides(v), *_bht_strides(grad_out), *mask_strides)
+    dkdv = _autotuned("dkdv", _attention_backward_dkdv, q, max(t_q, t_k), dropout_p > 0.0, has_mask,
+                      _group(q, k) > 1)
+    grid = lambda meta: (triton.cdiv(t_k, meta["BLOCK_N"]) * batch * kv_heads,)  # noqa: E731
     wrap_triton(dkdv)[grid](
-        q, k, v, grad_out, lse, delta, dk, dv, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv), *scalars,
-        **common)
-    dq_kernel = _autotuned("dq", _attention_backward_dq, q, max(t_q, t_k), dropout_p > 0.0)
+        q, k, v, grad_out, lse, delta, dk, dv, mask_t, seed, *inputs, *_bht_strides(dk), *_bht_strides(dv),
+        *scalars, **common)
+    dq_kernel = _autotuned("dq", _attention_backward_dq, q, max(t_q, t_k), dropout_p > 0.0, has_mask,
+                           _group(q, k) > 1)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731
     wrap_triton(dq_kernel)[grid](
-        q, k, v, grad_out, lse, delta, dq, seed, *inputs, *_bht_strides(dq), *scalars, **common)
+        q, k, v, grad_out, lse, delta, dq, mask_t, seed, *inputs, *_bht_strides(dq), *scalars, **common)
     return dq, dk, dv
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, seed, is_causal, dropout_p, scale = inputs
+    q, k, v, seed, mask, is_causal, dropout_p, scale = inputs
     out, lse = output
-    ctx.save_for_backward(q, k, v, out, lse, seed)
+    ctx.save_for_backward(q, k, v, out, lse, seed, mask)
     ctx.is_causal, ctx.dropout_p, ctx.scale = is_causal, dropout_p, scale
     ctx.mark_non_differentiable(lse)
 
 
 def _backward(ctx, grad_out, _grad_lse):
-    q, k, v, out, lse, seed = ctx.saved_tensors
-    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, seed, ctx.is_causal, ctx.dropout_p, ctx.scale)
-    return dq, dk, dv, None, None, None, None
+    q, k, v, out, lse, seed, mask = ctx.saved_tensors
+    dq, dk, dv = attention_backward(grad_out, q, k, v, out, lse, seed, mask, ctx.is_causal, ctx.dropout_p,
+                                    ctx.scale)
+    return dq, dk, dv, None, None, None, None, None
 
 
 attention_forward.register_autograd(_backward, setup_context=_setup_context)
 refuse_double_backward(attention_backward, "chargpt_triton::attention")
 
 
-def attention(q, k, v, is_causal, dropout_p, scale):
-    """Backend entry point (see kernels.backends): q (B, H, Tq, D), k and v (B, H, Tk, D), already validated."""
+def attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None):
+    """Backend entry point (see kernels.backends): q (B, H, Tq, D), k and v (B, H / GROUP, Tk, D), attn_mask None
+    or a (B, H, Tq, Tk) view, already validated."""
     seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
-    return attention_forward(q, k, v, seed, bool(is_causal), float(dropout_p), float(scale))[0]
+    return attention_forward(q, k, v, seed, attn_mask, bool(is_causal), float(dropout_p), float(scale))[0]

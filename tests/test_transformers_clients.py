@@ -10,7 +10,7 @@ import torch.nn.functional as F
 import kernels
 from kernels.testing import assert_close
 
-from conftest import FUSED_BACKENDS, require_attention_features
+from conftest import FUSED_BACKENDS, require_attention_features, require_backend
 
 transformers = pytest.importorskip("transformers")
 
@@ -88,6 +88,8 @@ def fused_sdpa(monkeypatch):
                                           ("llama", "none"), ("llama", "left")])
 def test_model_matches_torch_and_never_falls_back(backend, name, padding, fused_sdpa):
     require_attention_features(backend, "cpu", torch.float32, ("mask", "gqa"))
+    if name == "llama":
+        require_backend(backend, "cpu", ops=("rms_norm",))
     torch.manual_seed(0)
     model, own_norms = MODELS[name]()
     model.config._attn_implementation = "sdpa"
@@ -109,6 +111,7 @@ def test_model_matches_torch_and_never_falls_back(backend, name, padding, fused_
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 def test_llama_generate_matches_torch_and_never_falls_back(backend, fused_sdpa):
     require_attention_features(backend, "cpu", torch.float32, ("mask", "gqa"))
+    require_backend(backend, "cpu", ops=("rms_norm",))
     torch.manual_seed(0)
     model, own_norms = llama()
     model.config._attn_implementation = "sdpa"

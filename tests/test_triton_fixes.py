@@ -90,8 +90,9 @@ def test_attention_op_returns_contiguous_tensors(layout):
 
     gen = torch.Generator().manual_seed(4)
     q, k, v = (_attention_layouts()[layout](gen).to(DEVICE) for _ in range(3))
-    out, lse = triton_attention.attention_forward(q, k, v, None, True, 0.0, 0.3)
-    dq, dk, dv = triton_attention.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, True, 0.0, 0.3)
+    out, lse = triton_attention.attention_forward(q, k, v, None, None, True, 0.0, 0.3)
+    dq, dk, dv = triton_attention.attention_backward(torch.randn_like(out), q, k, v, out, lse, None, None, True, 0.0,
+                                                     0.3)
     for what, t, like in [("out", out, q), ("dq", dq, q), ("dk", dk, k), ("dv", dv, v)]:
         assert t.shape == like.shape and t.is_contiguous(), f"{what}: {tuple(t.shape)} strides {t.stride()}"
 

@@ -96,7 +96,9 @@ def test_opcheck_schemas_fake_tensors_and_autograd(dtype):
     make = lambda *shape: torch.randn(*shape, device="cuda", dtype=dtype, requires_grad=True)  # noqa: E731
     q, k, v = make(2, 3, 40, 32), make(2, 3, 40, 32), make(2, 3, 40, 32)
     seed = torch.tensor([1234], device="cuda", dtype=torch.int64)
-    for args in [(q, k, v, None, True, 0.0, 0.2), (q, k, v, seed, False, 0.1, 0.2)]:
+    mask = torch.rand(2, 1, 1, 40, device="cuda") > 0.3
+    for args in [(q, k, v, None, None, True, 0.0, 0.2), (q, k, v, seed, None, False, 0.1, 0.2),
+                 (q, k[:, :1], v[:, :1], None, mask.expand(2, 3, 40, 40), False, 0.0, 0.2)]:
         torch.library.opcheck(triton_attention.attention_forward, args)
     x, w, b = make(50, 200), make(200), make(200)
     for args in [(x, w, b, 1e-5), (x, None, None, 1e-5)]:
