@@ -28,6 +28,9 @@ MASKED_SPILL_BYTES = 128
 LONG_SEQUENCE = 8192  # the widest pruning: every config shipped for shorter sequences is among these
 LAYER_NORM_ROWS = 16384
 FITTED_TRITON = (3, 8)  # the Triton whose compile reports the configs' register budgets were fitted to
+# (op, IS_RMS, HAS_RESIDUAL, HAS_DROPOUT): the norm kernels' flavours, each compiled at every norm shape.
+NORM_FLAVOURS = [("ln", False, False, False), ("rms", True, False, False), ("add_ln", False, True, True),
+                 ("add_rms", True, True, False)]
 
 
 def _triton_version():
@@ -86,12 +89,30 @@ def compile_plan():
     for target, dtype, n_cols in [(90, "bf16", 384), (90, "fp16", 4096), (90, "fp32", 65536), (80, "bf16", 384),
                                   (80, "fp32", 65536)]:
         block_m, block_n, num_warps = layer_norm.launch_config(LAYER_NORM_ROWS, n_cols)
-        constexprs = dict(HAS_WEIGHT=True, HAS_BIAS=True, SINGLE_BLOCK=n_cols <= block_n,
-                          BLOCK_M=block_m, BLOCK_N=block_n)
-        for name, fn in [("ln_forward", "_layer_norm_forward"), ("ln_backward", "_layer_norm_backward")]:
-            jobs.append(dict(module="kernels.triton_layer_norm", fn=fn, kernel=name, target=target, dtype=dtype,
-                             shape=f"N={n_cols}", constexprs=constexprs, num_warps=num_warps, num_stages=1))
+        for op, rms, residual, dropout in NORM_FLAVOURS:
+            common = dict(IS_RMS=rms, HAS_DROPOUT=dropout, HAS_WEIGHT=True, HAS_BIAS=not rms,
+                          SINGLE_BLOCK=n_cols <= block_n, BLOCK_M=block_m, BLOCK_N=block_n)
+            forward = dict(common, HAS_RESIDUAL=residual, **_none_for(
+                seed_ptr=not dropout, Mean=rms, B=rms, R=not residual, H=not residual))
+            backward = dict(common, HAS_GRAD_H=residual, **_none_for(
+                seed_ptr=not dropout, Mean=rms, DB_partial=rms, GH=not residual, DXD=not dropout))
+            for direction, fn, constexprs in [("forward", "_norm_forward", forward),
+                                              ("backward", "_norm_backward", backward)]:
+                jobs.append(dict(module="kernels.triton_layer_norm", fn=fn, kernel=f"{op}_{direction}", target=target,
+                                 dtype=dtype, shape=f"N={n_cols}" + (" dropout" if dropout else ""),
+                                 constexprs=constexprs, num_warps=num_warps, num_stages=1))
+    for target, dtype, n_cols in [(90, "bf16", 384), (80, "fp32", 65536)]:  # add_norm's backward when y is unused
+        block_m, block_n, num_warps = layer_norm.launch_config(LAYER_NORM_ROWS, n_cols)
+        jobs.append(dict(module="kernels.triton_layer_norm", fn="_dropout_backward", kernel="add_dropout_backward",
+                         target=target, dtype=dtype, shape=f"N={n_cols} dropout",
+                         constexprs=dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=num_warps, num_stages=1))
     return jobs
+
+
+def _none_for(**unused):
+    """None for each pointer a norm kernel flavour leaves unused, as its launch passes it (Triton specializes a None
+    argument as a constexpr)."""
+    return {name: None for name, is_unused in unused.items() if is_unused}
 
 
 def _signature(fn, dtype, constexprs, job_mask=None):

@@ -103,3 +103,9 @@ def test_opcheck_schemas_fake_tensors_and_autograd(dtype):
     x, w, b = make(50, 200), make(200), make(200)
     for args in [(x, w, b, 1e-5), (x, None, None, 1e-5)]:
         torch.library.opcheck(triton_layer_norm.layer_norm_forward, args)
+    for args in [(x, w, 1e-6), (x, None, 1e-6)]:
+        torch.library.opcheck(triton_layer_norm.rms_norm_forward, args)
+    residual = make(50, 200)
+    for args in [(x, residual, w, b, None, 1e-5, "layer", 0.0), (x, residual, w, b, seed, 1e-5, "layer", 0.1),
+                 (x, residual, w, None, seed, 1e-6, "rms", 0.1), (x, residual, None, None, None, 1e-6, "rms", 0.0)]:
+        torch.library.opcheck(triton_layer_norm.add_norm_forward, args)
