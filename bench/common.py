@@ -28,3 +28,13 @@ def skip_unless_runnable(backend):
 def compiled(fn):
     """torch.compile of `fn`, built once per process: the `torch.compile` baseline of the eager reference."""
     return torch.compile(fn)
+
+
+def checks_weight_grads(backend, dtype) -> bool:
+    """Whether a benchmark's check holds `backend`'s LayerNorm weight and bias gradients to the float64 reference.
+
+    Not for torch's own CPU LayerNorm in bfloat16/float16: its dweight and dbias drift from the float64 sums as rows
+    grow (torch 2.14.1, this machine, N = 384, largest error over largest value: bf16 1% at 64 rows, 3% at 1024, 12-13%
+    at 16384; fp16 0.1%, 0.5%, 1.6%), past the 16-bit tolerance, as a sum kept in 16 bits would. As the baseline it is
+    timed all the same (it is what a model pays); its output and its input gradients are still checked."""
+    return not (backend == "torch" and DEVICE == "cpu" and dtype in (torch.bfloat16, torch.float16))

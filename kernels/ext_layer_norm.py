@@ -16,7 +16,7 @@ _rms_norm_fwd = torch.ops.chargpt.rms_norm_fwd.default
 _add_norm_fwd = torch.ops.chargpt.add_norm_fwd.default
 
 SUPPORTED_DTYPES = {
-    "cpu": (torch.float32,),
+    "cpu": (torch.float32, torch.bfloat16, torch.float16),  # 16-bit: rows through float32 scratch, fp32 statistics
     "cuda": (torch.float32, torch.float16, torch.bfloat16) if ext_build.has_cuda_kernels() else (),
 }
 

@@ -27,7 +27,7 @@ def require(name):
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_ext_with_a_half_dtype_on_cpu_stops_at_start(tmp_path, text_file, dtype):
-    require("ext")  # its CPU kernels take float32 only
+    require("ext")  # its CPU attention takes float32 only
     result = train(*TINY, "--kernels", "ext", "--dtype", dtype, "--data", text_file, "--out-dir", tmp_path / "out")
     assert_one_line_error(result, "chargpt.train", f"--kernels ext cannot run this model's attention, which gets "
                                                    f"{dtype} tensors on cpu")

@@ -163,7 +163,7 @@ def require_ext():
 
 
 def test_auto_runs_eager_the_ops_no_fused_kernel_takes():
-    require_ext()  # its CPU kernels take float32 only
+    require_ext()  # its CPU attention takes float32 only
     choice = choose_kernels("auto", "cpu", BF16_ATTENTION, require_fused=True)
     assert choice.by_op == {"attention": "eager", "layer_norm": "ext"}
     assert choice.name == "auto"  # so each op picks at call time, as by_op says
@@ -181,8 +181,11 @@ def test_a_named_backend_that_does_not_take_the_dtype_is_an_error():
                                            r"tensors on cpu .*use --kernels auto .* or --dtype float32"):
         choose_kernels("ext", "cpu", BF16_ATTENTION)
     with pytest.raises(ChargptError, match="--fused: no fused kernel here takes .*attention: float16, "
-                                           "layer_norm: float16"):
-        choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float16}, require_fused=True)
+                                           "layer_norm: float64"):
+        choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float64}, require_fused=True)
+    # The ext norms take float16 (and bfloat16) on CPU; its attention does not, so only that runs eager.
+    half = choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float16}, require_fused=True)
+    assert half.by_op == {"attention": "eager", "layer_norm": "ext"}
 
 
 @pytest.mark.parametrize("requested", ["eager", "ext", "auto"])

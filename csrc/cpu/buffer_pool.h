@@ -80,10 +80,10 @@ class BufferPool final : public c10::Allocator {
   size_t cached_ = 0;
 };
 
-// at::empty for a CPU float32 output, from the pool.
-inline at::Tensor pooled_empty(at::IntArrayRef sizes) {
+// at::empty for a CPU output (float32 unless asked), from the pool.
+inline at::Tensor pooled_empty(at::IntArrayRef sizes, at::ScalarType dtype = at::kFloat) {
   return at::detail::empty_generic(sizes, &BufferPool::instance(), c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                   at::kFloat, std::nullopt);
+                                   dtype, std::nullopt);
 }
 
 }  // namespace chargpt
