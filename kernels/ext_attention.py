@@ -12,7 +12,7 @@ ext_build.require()
 _attention_fwd = torch.ops.chargpt.attention_fwd.default  # the overload itself: one Python hop fewer per call
 
 SUPPORTED_DTYPES = {
-    "cpu": (torch.float32,),
+    "cpu": (torch.float32, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16) if ext_build.has_cuda_kernels() else (),
 }
 # attn_mask and GQA are fused in the CPU kernels; the CUDA ones refuse them (the seam sends them elsewhere).

@@ -18,9 +18,10 @@ FUSED_BACKENDS = ("triton", "ext")
 
 
 def device_dtype_params():
-    """(device, dtype) pairs to test: float32 (and float16 where a backend takes it) on CPU, and float32/16/bf16
-    on CUDA when there is one."""
-    params = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16")]
+    """(device, dtype) pairs to test: float32 (and float16 / bfloat16 where a backend takes them) on CPU, and
+    float32/16/bf16 on CUDA when there is one."""
+    params = [pytest.param("cpu", torch.float32, id="cpu-fp32"), pytest.param("cpu", torch.float16, id="cpu-fp16"),
+              pytest.param("cpu", torch.bfloat16, id="cpu-bf16")]
     if torch.cuda.is_available():
         params += [pytest.param("cuda", dt, id=f"cuda-{str(dt)[6:]}")
                    for dt in (torch.float32, torch.float16, torch.bfloat16)]

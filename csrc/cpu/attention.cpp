@@ -1,4 +1,4 @@
-// Causal / full attention on CPU (float32), flash style.
+// Causal / full attention on CPU (float32 and bfloat16), flash style.
 //   forward : one task per (batch, head, 64-query tile); key tiles of 64 stream through an online softmax
 //             (running max m, running sum l, rescaled fp32 accumulator), key tiles past the diagonal are
 //             skipped, and log-sum-exp m + log(l) is saved for the backward. A row whose scores are all -inf
@@ -12,13 +12,17 @@
 // (a (B, 1, 1, Tk) padding mask broadcast to (B, Hq, Tq, Tk) has stride 0 on H and Tq) and applied to each score
 // tile before the softmax, in the forward and again in the backward.
 // Tile products go to BLAS sgemm (torch's MKL) with its threading pinned to 1 inside each task; without a BLAS
-// they fall back to a plain loop nest. Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p
+// they fall back to a plain loop nest. bfloat16 inputs keep their tile products in bfloat16 (MKL's
+// gemm_bf16bf16f32, which uses AMX tiles, AVX512-BF16 or AVX2 as the CPU has them, chosen at run time), with fp32
+// accumulation; P and dS are rounded to bfloat16 as operands of the second products, as FlashAttention does on GPUs.
+// Softmax statistics, accumulators and dQ/dK/dV sums stay fp32. Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p
 // (philox.h), regenerated tile by tile in the backward, never stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <type_traits>
 #include <cmath>
 #include <limits>
 #include <vector>
@@ -28,12 +32,16 @@
 #include "buffer_pool.h"
 #include "parallel.h"
 #include "simd.h"
+#include "vec.h"
 
 // Weak: present when torch links a BLAS (MKL on x86 wheels); null otherwise, and the fallback runs.
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
             const float* a, const int* lda, const float* b, const int* ldb, const float* beta, float* c,
             const int* ldc) __attribute__((weak));
+void gemm_bf16bf16f32_(const char* transa, const char* transb, const int* m, const int* n, const int* k,
+                       const float* alpha, const uint16_t* a, const int* lda, const uint16_t* b, const int* ldb,
+                       const float* beta, float* c, const int* ldc) __attribute__((weak));
 int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));  // the C entry point (lower case is Fortran)
 }
 
@@ -70,6 +78,43 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
   }
 }
 
+// The same product of bfloat16 operands, accumulated and returned in fp32. Without MKL the used part of each operand
+// is widened to fp32 (packed) for the float path.
+void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const c10::BFloat16* a,
+          int64_t lda, const c10::BFloat16* b, int64_t ldb, float beta, float* c, int64_t ldc) {
+  if (gemm_bf16bf16f32_ != nullptr) {
+    const char ta = trans_a ? 'T' : 'N', tb = trans_b ? 'T' : 'N';
+    const int mi = m, ni = n, ki = k, la = lda, lb = ldb, lc = ldc;
+    gemm_bf16bf16f32_(&ta, &tb, &mi, &ni, &ki, &alpha, vec::bits(a), &la, vec::bits(b), &lb, &beta, c, &lc);
+    return;
+  }
+  const auto widened = [](const c10::BFloat16* x, int64_t ld, int64_t rows, int64_t cols) {
+    std::vector<float> out(rows * cols);
+    for (int64_t col = 0; col < cols; ++col) vec::widen(x + col * ld, out.data() + col * rows, rows);
+    return out;
+  };
+  const std::vector<float> af = widened(a, lda, trans_a ? k : m, trans_a ? m : k);
+  const std::vector<float> bf = widened(b, ldb, trans_b ? n : k, trans_b ? k : n);
+  gemm(trans_a, trans_b, m, n, k, alpha, af.data(), trans_a ? k : m, bf.data(), trans_b ? n : k, beta, c, ldc);
+}
+
+// An fp32 tile (or row) as an operand of a product with inputs of type T: itself for float, rounded into `buf`
+// for bfloat16.
+inline const float* as_operand(const float* x, float*, int64_t) { return x; }
+inline const c10::BFloat16* as_operand(const float* x, c10::BFloat16* buf, int64_t n) {
+  vec::narrow(x, buf, n);
+  return buf;
+}
+// A row of T as fp32: itself for float, widened into `buf` for bfloat16.
+inline const float* as_float(const float* x, float*, int64_t) { return x; }
+inline const float* as_float(const c10::BFloat16* x, float* buf, int64_t n) {
+  vec::widen(x, buf, n);
+  return buf;
+}
+// An fp32 row stored to T.
+inline void store_row(const float* x, float* out, int64_t n) { std::copy(x, x + n, out); }
+inline void store_row(const float* x, c10::BFloat16* out, int64_t n) { vec::narrow(x, out, n); }
+
 // Pins BLAS to one thread inside a task: tasks are the parallelism, and a BLAS call must not split (or reorder)
 // its sums differently when torch's thread count changes.
 struct SingleThreadedBlas {
@@ -80,25 +125,28 @@ struct SingleThreadedBlas {
   }
 };
 
-// A (B, H, T, D) float tensor whose rows (T) may be strided but whose D is contiguous; anything else is copied
+// A (B, H, T, D) tensor of T whose rows (T) may be strided but whose D is contiguous; anything else is copied
 // once (O(T*D), small next to the O(T^2*D) attention itself).
+template <typename T>
 struct Matrices {
   at::Tensor t;
-  const float* data;
+  const T* data;
   int64_t sb, sh, st;
   explicit Matrices(const at::Tensor& in) {
     const bool usable = in.stride(3) == 1 && (in.size(2) == 1 || in.stride(2) >= in.size(3));
     t = usable ? in : in.contiguous();
-    data = t.const_data_ptr<float>();
+    data = t.const_data_ptr<T>();
     sb = t.stride(0);
     sh = t.stride(1);
     st = t.size(2) == 1 ? t.size(3) : t.stride(2);
   }
-  const float* at_head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
+  const T* at_head(int64_t b, int64_t h) const { return data + b * sb + h * sh; }
 };
 
 // attn_mask as the kernels read it: a (B, Hq, Tq, Tk) view through its strides, never expanded in memory. A bool
-// mask replaces a masked score by -inf (masked_fill, so a NaN score there takes no part); an additive one is added.
+// mask replaces a masked score by -inf (masked_fill, so a NaN score there takes no part); an additive one (of the
+// inputs' type T) is added.
+template <typename T>
 class AttnMask {
  public:
   explicit AttnMask(const std::optional<at::Tensor>& mask) {
@@ -117,11 +165,11 @@ class AttnMask {
       for (int64_t j = 0; j < n; ++j)
         if (!keep[j * sk_]) s[j] = -std::numeric_limits<float>::infinity();
     } else {
-      const float* add = static_cast<const float*>(data_) + at;
+      const T* add = static_cast<const T*>(data_) + at;
       if (sk_ == 1) {
-        for (int64_t j = 0; j < n; ++j) s[j] += add[j];  // the common layout: vectorised
+        for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(add[j]);  // the common layout: vectorised
       } else {
-        for (int64_t j = 0; j < n; ++j) s[j] += add[j * sk_];
+        for (int64_t j = 0; j < n; ++j) s[j] += static_cast<float>(add[j * sk_]);
       }
     }
   }
@@ -148,9 +196,9 @@ class AttnMask {
       for (int64_t j = 0; j < n; ++j)
         if (!keep[j * sk_]) ds[j] = 0.f;
     } else {
-      const float* add = static_cast<const float*>(data_) + at;
+      const T* add = static_cast<const T*>(data_) + at;
       for (int64_t j = 0; j < n; ++j)
-        if (add[j * sk_] == -std::numeric_limits<float>::infinity()) ds[j] = 0.f;
+        if (static_cast<float>(add[j * sk_]) == -std::numeric_limits<float>::infinity()) ds[j] = 0.f;
     }
   }
 
@@ -175,38 +223,42 @@ inline void exp_row(float* s, int64_t visible, float shift) {
   std::fill(s + visible, s + kTileK, 0.f);
 }
 
-std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                     const at::Tensor& v_in, bool is_causal, double dropout_p,
-                                                     double scale_d, const std::optional<at::Tensor>& seed,
-                                                     const std::optional<at::Tensor>& attn_mask) {
-  check_attention_args("chargpt::attention_fwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
-  check_attention_mask("chargpt::attention_fwd", q_in, k_in, attn_mask);
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_fwd on CPU supports float32, got ",
-              q_in.scalar_type());
-  const Matrices q(q_in), k(k_in), v(v_in);
-  const AttnMask mask(attn_mask);
+// The inputs' types the CPU kernels take.
+void check_cpu_dtype(const char* op, const at::Tensor& q) {
+  TORCH_CHECK(q.scalar_type() == at::kFloat || q.scalar_type() == at::kBFloat16, op,
+              " on CPU supports float32 and bfloat16, got ", q.scalar_type());
+}
+
+template <typename T>
+std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                 const at::Tensor& v_in, bool is_causal, double dropout_p,
+                                                 double scale_d, const std::optional<at::Tensor>& seed,
+                                                 const std::optional<at::Tensor>& attn_mask) {
+  const Matrices<T> q(q_in), k(k_in), v(v_in);
+  const AttnMask<T> mask(attn_mask);
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const int64_t group = H / k_in.size(1);  // query heads per key/value head
   const float scale = static_cast<float>(scale_d);
   const DropoutArgs drop = dropout_args(dropout_p, seed);
   const bool dropout = drop.p > 0.f;
   const uint64_t drop_seed = seed_value(drop);
-  at::Tensor out = pooled_empty({B, H, Tq, D});
+  at::Tensor out = pooled_empty({B, H, Tq, D}, q_in.scalar_type());
   at::Tensor lse = at::empty({B, H, Tq}, q_in.options().dtype(at::kFloat));
-  float* out_p = out.mutable_data_ptr<float>();
+  T* out_p = out.mutable_data_ptr<T>();
   float* lse_p = lse.mutable_data_ptr<float>();
   const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
 
   const int64_t grain = parallel_grain(std::min(Tq, kTileQ) * Tk * D);  // a task: its query tile times every key
   at::parallel_for(0, B * H * q_tiles, grain, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
-    std::vector<float> s(kTileQ * kTileK), z(kTileK), acc(kTileQ * D), m(kTileQ), l(kTileQ);
+    std::vector<float> s(kTileQ * kTileK), z(kTileK), acc(kTileQ * D), m(kTileQ), l(kTileQ), orow(D);
+    std::vector<T> p_op(kTileQ * kTileK);  // P as a product operand (bfloat16 inputs)
     for (int64_t task = begin; task < end; ++task) {
       const int64_t bh = task / q_tiles, b = bh / H, h = bh % H;
       const int64_t i0 = (task % q_tiles) * kTileQ, bq = std::min(kTileQ, Tq - i0);
-      const float* qp = q.at_head(b, h) + i0 * q.st;
-      const float* kp = k.at_head(b, h / group);
-      const float* vp = v.at_head(b, h / group);
+      const T* qp = q.at_head(b, h) + i0 * q.st;
+      const T* kp = k.at_head(b, h / group);
+      const T* vp = v.at_head(b, h / group);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
@@ -254,15 +306,16 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
           }
         }
         // acc (bq x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.
-        gemm(false, false, D, bq, bk, 1.f, vp + j0 * v.st, v.st, s.data(), kTileK, 1.f, acc.data(), D);
+        gemm(false, false, D, bq, bk, 1.f, vp + j0 * v.st, v.st, as_operand(s.data(), p_op.data(), bq * kTileK),
+             kTileK, 1.f, acc.data(), D);
       }
       for (int64_t r = 0; r < bq; ++r) {
         // l = 0: every score was -inf (a fully masked row). Its output is 0, as in torch's SDPA, and its lse +inf, so
         // the backward's P = exp(S - lse) is 0 there as well. A NaN l (NaN or inf scores) stays NaN.
         const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
         const float* ar = acc.data() + r * D;
-        float* orow = out_p + (bh * Tq + i0 + r) * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
+        store_row(orow.data(), out_p + (bh * Tq + i0 + r) * D, D);
         lse_p[bh * Tq + i0 + r] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
       }
     }
@@ -270,17 +323,13 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q_in, con
   return {out, lse};
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+template <typename T>
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
     const at::Tensor& grad_out_in, const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& v_in,
     const at::Tensor& out_in, const at::Tensor& lse_in, bool is_causal, double dropout_p, double scale_d,
     const std::optional<at::Tensor>& seed, const std::optional<at::Tensor>& attn_mask) {
-  check_attention_args("chargpt::attention_bwd", q_in, k_in, v_in, dropout_p, scale_d, seed);
-  check_attention_mask("chargpt::attention_bwd", q_in, k_in, attn_mask);
-  check_attention_bwd_args(grad_out_in, q_in, out_in, lse_in);
-  TORCH_CHECK(q_in.scalar_type() == at::kFloat, "chargpt::attention_bwd on CPU supports float32, got ",
-              q_in.scalar_type());
-  const Matrices q(q_in), k(k_in), v(v_in), dout(grad_out_in), o(out_in);
-  const AttnMask mask(attn_mask);
+  const Matrices<T> q(q_in), k(k_in), v(v_in), dout(grad_out_in), o(out_in);
+  const AttnMask<T> mask(attn_mask);
   const at::Tensor lse = lse_in.contiguous();
   const int64_t B = q_in.size(0), H = q_in.size(1), Tq = q_in.size(2), Tk = k_in.size(2), D = q_in.size(3);
   const int64_t Hk = k_in.size(1), group = H / Hk;
@@ -288,7 +337,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   const DropoutArgs drop = dropout_args(dropout_p, seed);
   const bool dropout = drop.p > 0.f;
   const uint64_t drop_seed = seed_value(drop);
-  // Not zero-filled: each tile's first contribution is written with beta = 0 (and unvisited key rows zeroed).
+  // fp32 sums (the outputs themselves for float32 inputs). Not zero-filled: each tile's first contribution is
+  // written with beta = 0 (and unvisited key rows zeroed).
   at::Tensor dq = pooled_empty({B, H, Tq, D});
   at::Tensor dk = pooled_empty({B, Hk, Tk, D});
   at::Tensor dv = pooled_empty({B, Hk, Tk, D});
@@ -301,20 +351,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
   at::parallel_for(0, B * Hk, parallel_grain(group * Tq * Tk * D), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
     std::vector<float> p(kTileQ * kTileK), ds(kTileQ * kTileK), w(dropout ? kTileQ * kTileK : 0), z(kTileK),
-        delta(group * Tq);
+        delta(group * Tq), do_row(D), o_row(D);
+    std::vector<T> w_op(kTileQ * kTileK), ds_op(kTileQ * kTileK);  // W and dS as product operands (bfloat16)
     for (int64_t bkv = begin; bkv < end; ++bkv) {
       const int64_t b = bkv / Hk, h0 = bkv % Hk * group;  // this kv head's query heads: h0 .. h0 + group - 1
-      const float* kh = k.at_head(b, bkv % Hk);
-      const float* vh = v.at_head(b, bkv % Hk);
+      const T* kh = k.at_head(b, bkv % Hk);
+      const T* vh = v.at_head(b, bkv % Hk);
       const int64_t dv_end = D / kWidth * kWidth;
       float* dq_group = dq_p + (b * H + h0) * Tq * D;  // the group's query heads are adjacent
       if (mask.present()) std::fill(dq_group, dq_group + group * Tq * D, 0.f);
       for (int64_t g = 0; g < group; ++g) {  // delta = rowsum(dO * O): the softmax Jacobian's correction term
-        const float* doh = dout.at_head(b, h0 + g);
-        const float* oh = o.at_head(b, h0 + g);
+        const T* doh = dout.at_head(b, h0 + g);
+        const T* oh = o.at_head(b, h0 + g);
         for (int64_t i = 0; i < Tq; ++i) {
-          const float* dor = doh + i * dout.st;
-          const float* orow = oh + i * o.st;
+          const float* dor = as_float(doh + i * dout.st, do_row.data(), D);
+          const float* orow = as_float(oh + i * o.st, o_row.data(), D);
           vfloat acc_v = simd::splat(0.f);
           for (int64_t d = 0; d < dv_end; d += kWidth) acc_v += simd::load(dor + d) * simd::load(orow + d);
           float sum = simd::reduce_add(acc_v);
@@ -324,16 +375,16 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       }
       for (int64_t j0 = 0; j0 < Tk; j0 += kTileK) {
         const int64_t bk = std::min(kTileK, Tk - j0);
-        const float* kj = kh + j0 * k.st;
-        const float* vj = vh + j0 * v.st;
+        const T* kj = kh + j0 * k.st;
+        const T* vj = vh + j0 * v.st;
         float* dk_j = dk_p + (bkv * Tk + j0) * D;
         float* dv_j = dv_p + (bkv * Tk + j0) * D;
         const int64_t first_q_tile = is_causal ? std::min(j0, Tq) / kTileQ : 0;  // earlier queries see none of it
         float kv_beta = 0.f;  // dK/dV rows of this key tile: the first visiting query tile writes, later ones add
         for (int64_t g = 0; g < group; ++g) {
           const int64_t h = h0 + g, bh = b * H + h;
-          const float* qh = q.at_head(b, h);
-          const float* doh = dout.at_head(b, h);
+          const T* qh = q.at_head(b, h);
+          const T* doh = dout.at_head(b, h);
           const float* lse_h = lse_p + bh * Tq;
           const float* delta_h = delta.data() + g * Tq;
           float* dq_h = dq_p + bh * Tq * D;
@@ -341,8 +392,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
             const int64_t i0 = qt * kTileQ, bq = std::min(kTileQ, Tq - i0);
             if (is_causal && i0 + bq - 1 < j0) continue;
             if (mask.present() && mask.removes_tile(b, h, i0, bq, j0, bk)) continue;
-            const float* qi = qh + i0 * q.st;
-            const float* doi = doh + i0 * dout.st;
+            const T* qi = qh + i0 * q.st;
+            const T* doi = doh + i0 * dout.st;
             gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
             gemm(true, false, bk, bq, D, 1.f, vj, v.st, doi, dout.st, 0.f, ds.data(), kTileK);   // dP = dO V^T
             for (int64_t r = 0; r < bq; ++r) {
@@ -370,13 +421,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
               if (visible < bk) std::fill(dsr + visible, dsr + bk, 0.f);
               if (mask.present()) mask.zero_masked(b, h, i, j0, visible, dsr);
             }
-            const float* wts = dropout ? w.data() : p.data();
-            gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);     // dV += W^T dO
-            gemm(false, true, D, bk, bq, scale, qi, q.st, ds.data(), kTileK, kv_beta, dk_j, D);  // dK += dS^T Q
+            const T* wts = as_operand(dropout ? w.data() : p.data(), w_op.data(), bq * kTileK);
+            const T* dst = as_operand(ds.data(), ds_op.data(), bq * kTileK);
+            gemm(false, true, D, bk, bq, 1.f, doi, dout.st, wts, kTileK, kv_beta, dv_j, D);   // dV += W^T dO
+            gemm(false, true, D, bk, bq, scale, qi, q.st, dst, kTileK, kv_beta, dk_j, D);     // dK += dS^T Q
             kv_beta = 1.f;
             // dQ += dS K. Without a mask key tile 0 is every query tile's first (causal rows all see key 0), which
             // writes; with one that tile may be skipped, so dQ starts zeroed instead.
-            gemm(false, false, D, bq, bk, scale, kj, k.st, ds.data(), kTileK, j0 == 0 && !mask.present() ? 0.f : 1.f,
+            gemm(false, false, D, bq, bk, scale, kj, k.st, dst, kTileK, j0 == 0 && !mask.present() ? 0.f : 1.f,
                  dq_h + i0 * D, D);
           }
         }
@@ -387,7 +439,36 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
       }
     }
   });
-  return {dq, dk, dv};
+  if constexpr (std::is_same_v<T, float>) return {dq, dk, dv};
+  const auto in_type = q_in.scalar_type();
+  return {dq.to(in_type), dk.to(in_type), dv.to(in_type)};
+}
+
+std::tuple<at::Tensor, at::Tensor> attention_fwd_cpu(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                     bool is_causal, double dropout_p, double scale,
+                                                     const std::optional<at::Tensor>& seed,
+                                                     const std::optional<at::Tensor>& attn_mask) {
+  const char* op = "chargpt::attention_fwd";
+  check_attention_args(op, q, k, v, dropout_p, scale, seed);
+  check_attention_mask(op, q, k, attn_mask);
+  check_cpu_dtype(op, q);
+  return q.scalar_type() == at::kBFloat16
+             ? attention_fwd<c10::BFloat16>(q, k, v, is_causal, dropout_p, scale, seed, attn_mask)
+             : attention_fwd<float>(q, k, v, is_causal, dropout_p, scale, seed, attn_mask);
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd_cpu(
+    const at::Tensor& grad_out, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& out,
+    const at::Tensor& lse, bool is_causal, double dropout_p, double scale, const std::optional<at::Tensor>& seed,
+    const std::optional<at::Tensor>& attn_mask) {
+  const char* op = "chargpt::attention_bwd";
+  check_attention_args(op, q, k, v, dropout_p, scale, seed);
+  check_attention_mask(op, q, k, attn_mask);
+  check_attention_bwd_args(grad_out, q, out, lse);
+  check_cpu_dtype(op, q);
+  return q.scalar_type() == at::kBFloat16
+             ? attention_bwd<c10::BFloat16>(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale, seed, attn_mask)
+             : attention_bwd<float>(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale, seed, attn_mask);
 }
 
 }  // namespace
