@@ -25,12 +25,11 @@ def require(name):
         pytest.skip(f"backend {name} unavailable: {reason}")
 
 
-@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
-def test_ext_with_a_half_dtype_on_cpu_stops_at_start(tmp_path, text_file, dtype):
-    require("ext")  # its CPU attention takes float32 only
-    result = train(*TINY, "--kernels", "ext", "--dtype", dtype, "--data", text_file, "--out-dir", tmp_path / "out")
-    assert_one_line_error(result, "chargpt.train", f"--kernels ext cannot run this model's attention, which gets "
-                                                   f"{dtype} tensors on cpu")
+def test_ext_with_float16_on_cpu_stops_at_start(tmp_path, text_file):
+    require("ext")  # its CPU attention takes float32 and bfloat16 only
+    result = train(*TINY, "--kernels", "ext", "--dtype", "float16", "--data", text_file, "--out-dir", tmp_path / "out")
+    assert_one_line_error(result, "chargpt.train", "--kernels ext cannot run this model's attention, which gets "
+                                                   "float16 tensors on cpu")
     assert "--dtype float32" in result.stderr
     assert not (tmp_path / "out").exists()  # stopped before anything was written
 
@@ -51,24 +50,25 @@ def test_interpreted_triton_with_bfloat16_stops_at_start(tmp_path, text_file):
                                                    "bfloat16 tensors on cpu")
 
 
-def test_fused_bfloat16_on_cpu_runs_attention_eager_and_says_so(tmp_path, text_file):
+def test_fused_float16_on_cpu_runs_attention_eager_and_says_so(tmp_path, text_file):
     require("ext")
-    result = train(*TINY, "--fused", "--dtype", "bfloat16", "--data", text_file, "--out-dir", tmp_path)
+    result = train(*TINY, "--fused", "--dtype", "float16", "--data", text_file, "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     note = [line for line in result.stdout.splitlines() if line.startswith("kernels auto:")]
-    assert note == ["kernels auto: attention runs eager (no fused kernel here takes bfloat16 on cpu yet), "
+    assert note == ["kernels auto: attention runs eager (no fused kernel here takes float16 on cpu yet), "
                     "layer_norm runs ext, add_norm runs ext"]
     assert "kernels auto (attention eager, layer_norm ext, add_norm ext)" in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["kernels"] == "auto" and summary["dtype"] == "bfloat16" and summary["iters"] == 2
+    assert summary["kernels"] == "auto" and summary["dtype"] == "float16" and summary["iters"] == 2
     assert summary["kernels_by_op"] == {"attention": "eager", "layer_norm": "ext", "add_norm": "ext"}
 
 
-def test_fused_float32_on_cpu_runs_every_op_fused(tmp_path, text_file):
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_fused_on_cpu_runs_every_op_fused(tmp_path, text_file, dtype):
     require("ext")
-    result = train(*TINY, "--fused", "--data", text_file, "--out-dir", tmp_path)
+    result = train(*TINY, "--fused", "--dtype", dtype, "--data", text_file, "--out-dir", tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "kernels auto:" not in result.stdout and "kernels ext," in result.stdout
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["kernels"] == "ext"
+    assert summary["kernels"] == "ext" and summary["dtype"] == dtype
     assert summary["kernels_by_op"] == {"attention": "ext", "layer_norm": "ext", "add_norm": "ext"}

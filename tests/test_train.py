@@ -12,6 +12,7 @@ import torch
 
 from chargpt import ChargptError, checkpoint
 from chargpt.throughput import StepTimeJumps
+from kernels import backends
 
 from chargpt_helpers import REPO_ROOT, assert_one_line_error, run_cli, small_text, train
 
@@ -61,20 +62,50 @@ def test_tiny_run_writes_its_outputs(tiny_run):
     assert (out / "loss.png").stat().st_size > 0
 
 
-def test_resume_is_exact(tmp_path, text_file):
-    """30 iterations, then --resume to 60, gives the same losses and weights as 60 straight (with dropout)."""
-    schedule = ("--lr-decay-iters", "60", "--data", text_file)
+@pytest.mark.parametrize("kernels", [(), ("--fused", "--dtype", "bfloat16")], ids=["eager-fp32", "fused-bf16"])
+def test_resume_is_exact(tmp_path, text_file, kernels):
+    """30 iterations, then --resume to 60, gives the same losses and weights as 60 straight (with dropout). Under
+    bfloat16 autocast on CPU the fused run resumes to within rounding, not bit for bit: torch's own bf16 matmuls
+    (oneDNN) already differ in the last bits between the two processes (eager bf16 does the same), so the dropout
+    masks and data match but sums do not."""
+    if kernels and backends.unavailable_reason("ext") is not None:
+        pytest.skip("the ext backend is unavailable here")
+    schedule = ("--lr-decay-iters", "60", "--data", text_file, *kernels)
     straight, pieces = tmp_path / "straight", tmp_path / "pieces"
     assert train(*TINY, *schedule, "--max-iters", "60", "--out-dir", straight).returncode == 0
     assert train(*TINY, *schedule, "--max-iters", "30", "--out-dir", pieces).returncode == 0
     resumed = train("--resume", "--device", "cpu", "--max-iters", "60", "--out-dir", pieces)
     assert resumed.returncode == 0, resumed.stderr
     assert "resuming" in resumed.stdout
-    assert metrics(pieces) == metrics(straight)
     a, b = (checkpoint.load_checkpoint(out / "ckpt.pt") for out in (straight, pieces))
-    for name, tensor in a["model"].items():
-        assert torch.equal(tensor, b["model"][name]), name
+    if not kernels:
+        assert metrics(pieces) == metrics(straight)
+        for name, tensor in a["model"].items():
+            assert torch.equal(tensor, b["model"][name]), name
+    else:
+        resumed_losses, straight_losses = ([r["loss"] for r in metrics(out, kinds=("step",))]
+                                           for out in (pieces, straight))
+        assert len(resumed_losses) == len(straight_losses)
+        torch.testing.assert_close(resumed_losses, straight_losses, rtol=0, atol=2e-3)
+        for name, tensor in a["model"].items():
+            torch.testing.assert_close(tensor, b["model"][name], rtol=0, atol=2e-3, msg=name)
     assert a["iter_num"] == b["iter_num"] == 60
+
+
+def test_fused_bfloat16_on_cpu_follows_the_float32_run(tmp_path, text_file):
+    """bfloat16 autocast with the fused CPU kernels learns like eager float32: same evaluations to within bf16's
+    rounding, and the loss goes down."""
+    if backends.unavailable_reason("ext") is not None:
+        pytest.skip("the ext backend is unavailable here")
+    runs = {}
+    for name, flags in [("fp32", ()), ("bf16", ("--fused", "--dtype", "bfloat16"))]:
+        out = tmp_path / name
+        result = train(*TINY, "--data", text_file, "--out-dir", out, *flags)
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[name] = [r["val_loss"] for r in metrics(out, kinds=("eval",))]
+    assert runs["bf16"][-1] < runs["bf16"][0] - 0.2
+    for fp32, bf16 in zip(runs["fp32"], runs["bf16"]):
+        assert abs(fp32 - bf16) < 0.05, runs
 
 
 def test_ctrl_c_saves_and_exits_cleanly(tmp_path, text_file):
