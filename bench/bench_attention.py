@@ -22,7 +22,11 @@ else:
     DTYPE = torch.float32
     SHAPES = [(12, 4, 64, 32, 0.0), (16, 6, 256, 64, 0.0), (12, 4, 64, 32, 0.2), (16, 6, 256, 64, 0.2)]
     BACKENDS = ("torch", "eager", "ext")
-CASES = [(shape, backend) for shape in SHAPES for backend in BACKENDS]  # the baseline runs first for each shape
+# (shape, backend, dtype); the baseline runs first for each shape. On CPU also bfloat16 (AMX / AVX512-BF16 GEMMs in
+# both torch and ext), against torch only: eager's composed bf16 math is not a baseline anyone uses.
+CASES = [(shape, backend, DTYPE) for shape in SHAPES for backend in BACKENDS]
+if DEVICE == "cpu":
+    CASES += [(shape, backend, torch.bfloat16) for shape in SHAPES[1::2] for backend in ("torch", "ext")]
 
 
 def attention_fn(backend):
@@ -33,7 +37,7 @@ def attention_fn(backend):
     return lambda q, k, v, p: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
 
 
-def validation(backend, attend, q, k, v, p, backward):
+def validation(backend, attend, q, k, v, p, backward, dtype):
     """Checks one batch element and two heads of the case against the float64 reference (the same kernels and
     configs run; a float64 (B, H, T, T) of the whole case would not fit). triton and ext draw the dropout mask that
     kernels.reference specifies, so they are checked with dropout; torch and eager draw masks of their own, so their
@@ -48,17 +52,18 @@ def validation(backend, attend, q, k, v, p, backward):
         return reference.attention(q, k, v, True, p, dropout_mask=mask)
 
     inputs = tuple(t[:1, :2] for t in (q, k, v))
-    return lambda: check_against_reference(lambda q, k, v: attend(q, k, v, p), expected, inputs, DTYPE,
+    return lambda: check_against_reference(lambda q, k, v: attend(q, k, v, p), expected, inputs, dtype,
                                            f"attention {backend} p={p}", backward=backward)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("shape,backend", CASES, ids=[f"{'x'.join(map(str, s))}-{b}" for s, b in CASES])
-def test_attention(timed, shape, backend, mode):
+@pytest.mark.parametrize("shape,backend,dtype", CASES,
+                         ids=[f"{'x'.join(map(str, s))}-{b}-{str(dt)[6:]}" for s, b, dt in CASES])
+def test_attention(timed, shape, backend, dtype, mode):
     skip_unless_runnable(backend)
     b, h, t, d, p = shape
-    q, k, v = attention_inputs(b, h, t, t, d, DEVICE, DTYPE, seed=0, requires_grad=mode != "fwd")  # nanoGPT's layout
-    grad = torch.randn(b, h, t, d, device=DEVICE, dtype=DTYPE)
+    q, k, v = attention_inputs(b, h, t, t, d, DEVICE, dtype, seed=0, requires_grad=mode != "fwd")  # nanoGPT's layout
+    grad = torch.randn(b, h, t, d, device=DEVICE, dtype=dtype)
     attend = attention_fn(backend)
     if mode == "fwd":
         def fn():
@@ -69,9 +74,9 @@ def test_attention(timed, shape, backend, mode):
             torch.autograd.grad(attend(q, k, v, p), (q, k, v), grad)
     flop = 2 * b * h * t * t * d * (1 if mode == "fwd" else 3.5)
     info = dict(op="attention", mode=mode, shape=f"B={b} H={h} T={t} D={d}" + (f" p={p}" if p else ""),
-                dtype=str(DTYPE).removeprefix("torch."))
+                dtype=str(dtype).removeprefix("torch."))
     timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop},
-          validation(backend, attend, q, k, v, p, backward=mode != "fwd"))
+          validation(backend, attend, q, k, v, p, mode != "fwd", dtype))
 
 
 # Today's models: a key-padding mask (each sequence a different length) and GQA (6 query heads over 2 KV heads),

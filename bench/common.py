@@ -1,6 +1,8 @@
 """Helpers the benchmark files share."""
 
 import functools
+import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -38,3 +40,11 @@ def checks_weight_grads(backend, dtype) -> bool:
     at 16384; fp16 0.1%, 0.5%, 1.6%), past the 16-bit tolerance, as a sum kept in 16 bits would. As the baseline it is
     timed all the same (it is what a model pays); its output and its input gradients are still checked."""
     return not (backend == "torch" and DEVICE == "cpu" and dtype in (torch.bfloat16, torch.float16))
+
+
+def cpu_name() -> str:
+    """The CPU model and core count, as results must name the machine (CPU models differ between machines here)."""
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    model = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), "CPU")
+    return f"{model} ({os.cpu_count()} cores)"

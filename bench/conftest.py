@@ -2,12 +2,11 @@
 it, records its throughput, and its speed-up over the baseline measured earlier in the same run (cases are ordered
 baseline first). Validation runs even with --benchmark-disable, so CI checks every row that could be reported."""
 
-import os
 
 import pytest
 import torch
 
-from bench.common import DEVICE
+from bench.common import DEVICE, cpu_name
 
 _baseline_seconds = {}  # case key -> median seconds of the baseline in this run
 L2_FLUSH_BYTES = 256 * 2**20  # larger than any current GPU's L2 (H100/H200: 50 MB; B200: 126 MB)
@@ -37,7 +36,7 @@ def timed(benchmark):
             step()
         benchmark.group = key
         benchmark.extra_info.update(info, backend=backend, torch=torch.__version__, device=torch.cuda.get_device_name()
-                                    if DEVICE == "cuda" else f"cpu ({os.cpu_count()} cores)")
+                                    if DEVICE == "cuda" else cpu_name())
         if DEVICE == "cuda" and "bytes" in work and not benchmark.disabled:
             scratch = torch.empty(L2_FLUSH_BYTES, dtype=torch.uint8, device=DEVICE)
 

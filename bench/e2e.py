@@ -1,31 +1,37 @@
 """End-to-end training runs, eager against fused (and torch.compile), each a real `python -m chargpt.train`.
 
-    python -m bench.e2e --out DIR [--preset gpt] [--iters 500] [--full-fused] [--data PATH]
+    python -m bench.e2e --out DIR [--preset gpt] [--iters 500] [--variants eager fused ...] [--rounds 2]
+                           [--train-flags "--eval-iters 2"] [--full-fused] [--data PATH]
 
-Every variant trains the same preset for --iters iterations; --full-fused adds one --fused run of the preset's
-whole schedule (the validation-loss figure). Writes DIR/e2e.json and DIR/e2e.md: wall time, tokens/s, best val
-loss per run, and each run's tokens/s relative to eager.
+Every variant trains the same preset for --iters iterations; with --rounds N the variants run N times, alternated
+(A B C A B C: a shared machine's drift hits every variant alike), and the best round counts. --full-fused adds one
+--fused run of the preset's whole schedule (the validation-loss figure). Writes DIR/e2e.json and DIR/e2e.md: wall
+time, tokens/s, best val loss per run, and each run's tokens/s relative to eager.
 """
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import torch
 
+from bench.common import cpu_name
+
 VARIANTS = {  # name -> extra chargpt.train flags
     "eager": ["--kernels", "eager"],
     "eager + compile": ["--kernels", "eager", "--compile"],
     "fused": ["--fused"],
     "fused + compile": ["--fused", "--compile"],
+    "eager bf16": ["--kernels", "eager", "--dtype", "bfloat16"],  # autocast: on CPU bf16 GEMMs (AMX, AVX512-BF16)
+    "fused bf16": ["--fused", "--dtype", "bfloat16"],
 }
+DEFAULT_VARIANTS = ["eager", "eager + compile", "fused", "fused + compile"]
 
 
-def train(out_dir, preset, flags, iters, data):
-    command = [sys.executable, "-m", "chargpt.train", "--preset", preset, "--out-dir", str(out_dir), *flags]
+def train(out_dir, preset, flags, iters, data, extra=()):
+    command = [sys.executable, "-m", "chargpt.train", "--preset", preset, "--out-dir", str(out_dir), *flags, *extra]
     if iters:
         command += ["--max-iters", str(iters)]
     if data:
@@ -41,7 +47,7 @@ def train(out_dir, preset, flags, iters, data):
 def machine():
     if torch.cuda.is_available():
         return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    return f"CPU ({os.cpu_count()} cores), torch {torch.__version__}"
+    return f"{cpu_name()}, torch {torch.__version__}"
 
 
 def markdown(results, preset):
@@ -64,13 +70,23 @@ def main(argv=None):
     parser.add_argument("--out", required=True, help="folder for the runs and the e2e.json/e2e.md summary")
     parser.add_argument("--preset", default="gpt")
     parser.add_argument("--iters", type=int, default=500, help="iterations of each compared variant")
+    parser.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=DEFAULT_VARIANTS)
+    parser.add_argument("--rounds", type=int, default=1, help="run the variants this many times, alternated")
+    parser.add_argument("--train-flags", default="", help="extra chargpt.train flags for every run")
     parser.add_argument("--full-fused", action="store_true", help="also run --fused for the preset's full schedule")
     parser.add_argument("--data", help="corpus path (default: chargpt's tiny shakespeare cache or download)")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    results = {name: train(out / name.replace(" + ", "-"), args.preset, flags, args.iters, args.data)
-               for name, flags in VARIANTS.items()}
+    extra = args.train_flags.split()
+    results = {}
+    for round_ in range(args.rounds):
+        for name in args.variants:
+            run_dir = out / f"{name.replace(' + ', '-').replace(' ', '-')}-{round_}"
+            r = train(run_dir, args.preset, VARIANTS[name], args.iters, args.data, extra)
+            best = results.get(name)
+            if best is None or "error" in best or r.get("tokens_per_sec", 0) > best.get("tokens_per_sec", 0):
+                results[name] = r
     if args.full_fused:
         results["fused, full schedule"] = train(out / "fused-full", args.preset, ["--fused"], None, args.data)
     (out / "e2e.json").write_text(json.dumps(results, indent=2) + "\n")
