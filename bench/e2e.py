@@ -61,7 +61,8 @@ def markdown(results, preset):
             continue
         speedup = f"{r['tokens_per_sec'] / eager:.2f}x" if eager else ""
         lines.append(f"| {name} | {r['iters']} | {r['wall_seconds']:.0f} | {r['tokens_per_sec']:.0f} | {speedup} | "
-                     f"{r['best_val_loss']:.4f} | {r['kernels']}{' + compile' if r.get('compile') else ''} |")
+                     f"{r['best_val_loss']:.4f} | {r['kernels']}{' + compile' if r.get('compile') else ''}, "
+                     f"{r.get('dtype', '')} |")
     return "\n".join(lines) + "\n"
 
 
