@@ -37,7 +37,7 @@ def attention_fn(backend):
     return lambda q, k, v, p: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
 
 
-def validation(backend, attend, q, k, v, p, backward, dtype):
+def validation(backend, attend, q, k, v, p, backward):
     """Checks one batch element and two heads of the case against the float64 reference (the same kernels and
     configs run; a float64 (B, H, T, T) of the whole case would not fit). triton and ext draw the dropout mask that
     kernels.reference specifies, so they are checked with dropout; torch and eager draw masks of their own, so their
@@ -52,7 +52,7 @@ def validation(backend, attend, q, k, v, p, backward, dtype):
         return reference.attention(q, k, v, True, p, dropout_mask=mask)
 
     inputs = tuple(t[:1, :2] for t in (q, k, v))
-    return lambda: check_against_reference(lambda q, k, v: attend(q, k, v, p), expected, inputs, dtype,
+    return lambda: check_against_reference(lambda q, k, v: attend(q, k, v, p), expected, inputs, q.dtype,
                                            f"attention {backend} p={p}", backward=backward)
 
 
@@ -76,7 +76,7 @@ def test_attention(timed, shape, backend, dtype, mode):
     info = dict(op="attention", mode=mode, shape=f"B={b} H={h} T={t} D={d}" + (f" p={p}" if p else ""),
                 dtype=str(dtype).removeprefix("torch."))
     timed(fn, f"attention {mode} {info['shape']} {info['dtype']}", backend, info, {"flop": flop},
-          validation(backend, attend, q, k, v, p, mode != "fwd", dtype))
+          validation(backend, attend, q, k, v, p, backward=mode != "fwd"))
 
 
 # Today's models: a key-padding mask (each sequence a different length) and GQA (6 query heads over 2 KV heads),

@@ -137,6 +137,7 @@ def test_bigram_generates_in_vocab():
 
 F32 = {"attention": torch.float32, "layer_norm": torch.float32}
 BF16_ATTENTION = {"attention": torch.bfloat16, "layer_norm": torch.float32}  # a GPT under CPU bf16 autocast
+FP16_ATTENTION = {"attention": torch.float16, "layer_norm": torch.float32}  # ... and under fp16 autocast
 
 
 def test_choose_kernels():
@@ -163,12 +164,14 @@ def require_ext():
 
 
 def test_auto_runs_eager_the_ops_no_fused_kernel_takes():
-    require_ext()  # its CPU attention takes float32 only
-    choice = choose_kernels("auto", "cpu", BF16_ATTENTION, require_fused=True)
+    require_ext()  # its CPU attention takes float32 and bfloat16, not float16
+    choice = choose_kernels("auto", "cpu", FP16_ATTENTION, require_fused=True)
     assert choice.by_op == {"attention": "eager", "layer_norm": "ext"}
     assert choice.name == "auto"  # so each op picks at call time, as by_op says
-    assert choice.note == ("kernels auto: attention runs eager (no fused kernel here takes bfloat16 on cpu yet), "
+    assert choice.note == ("kernels auto: attention runs eager (no fused kernel here takes float16 on cpu yet), "
                            "layer_norm runs ext")
+    bf16 = choose_kernels("auto", "cpu", BF16_ATTENTION, require_fused=True)
+    assert (bf16.name, bf16.by_op, bf16.note) == ("ext", {"attention": "ext", "layer_norm": "ext"}, None)
     assert choose_kernels("auto", "cpu", F32, require_fused=True) == choose_kernels("ext", "cpu", F32)
     assert choose_kernels("ext", "cpu", F32).note is None
     bigram = choose_kernels("auto", "cpu", {}, require_fused=True)  # no kernels op: the backend auto would use
@@ -177,9 +180,9 @@ def test_auto_runs_eager_the_ops_no_fused_kernel_takes():
 
 def test_a_named_backend_that_does_not_take_the_dtype_is_an_error():
     require_ext()
-    with pytest.raises(ChargptError, match=r"--kernels ext cannot run this model's attention, which gets bfloat16 "
+    with pytest.raises(ChargptError, match=r"--kernels ext cannot run this model's attention, which gets float16 "
                                            r"tensors on cpu .*use --kernels auto .* or --dtype float32"):
-        choose_kernels("ext", "cpu", BF16_ATTENTION)
+        choose_kernels("ext", "cpu", FP16_ATTENTION)
     with pytest.raises(ChargptError, match="--fused: no fused kernel here takes .*attention: float16, "
                                            "layer_norm: float64"):
         choose_kernels("auto", "cpu", {"attention": torch.float16, "layer_norm": torch.float64}, require_fused=True)
