@@ -208,19 +208,22 @@ def test_strided_and_expanded_inputs(norm):
                             "strided rms_norm")
 
 
-def test_results_do_not_depend_on_the_thread_count():
+@pytest.mark.parametrize("dtype", [FP32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_results_do_not_depend_on_the_thread_count(dtype):
     """Rows are split among threads, but each row's arithmetic, the dropout mask and the dW/dB reduction order are
-    fixed: one thread and two give bit-identical outputs and gradients (several dW/dB chunks here)."""
-    x, w, b = layer_norm_inputs((700,), 384, "cpu", FP32, True, True, seed=8)
-    residual = layer_norm_inputs((700,), 384, "cpu", FP32, False, False, seed=9)[0]
-    grad = torch.randn(700, 768, generator=torch.Generator().manual_seed(10))
+    fixed: one thread and two give bit-identical outputs and gradients (several dW/dB chunks here, and in bfloat16
+    several conversion blocks)."""
+    x, w, b = layer_norm_inputs((700,), 384, "cpu", dtype, True, True, seed=8)
+    residual = layer_norm_inputs((700,), 384, "cpu", dtype, False, False, seed=9)[0]
+    grad = torch.randn(700, 768, generator=torch.Generator().manual_seed(10)).to(dtype)
 
     def run():
         torch.manual_seed(0)
         out = torch.cat(kernels.add_norm(x, residual, (384,), w, b, 1e-5, "layer", 0.2, backend="ext"), -1)
         rms = kernels.rms_norm(x, (384,), w, backend="ext")
-        return [out, rms, *torch.autograd.grad(out, (x, residual, w, b), grad),
-                *torch.autograd.grad(rms, (x, w), grad[:, :384])]
+        ln = kernels.layer_norm(x, (384,), w, b, backend="ext")
+        return [out, rms, ln, *torch.autograd.grad(out, (x, residual, w, b), grad),
+                *torch.autograd.grad(rms, (x, w), grad[:, :384]), *torch.autograd.grad(ln, (x, w, b), grad[:, :384])]
 
     threads = torch.get_num_threads()
     try:

@@ -238,33 +238,6 @@ def test_mixed_dtypes_raise():
             call()
 
 
-def test_results_do_not_depend_on_the_thread_count():
-    """bfloat16 too: each row's arithmetic, the mask and the dW/dB chunk order are fixed, so 1 and 2 threads give the
-    same bits (several dW/dB chunks and conversion blocks here)."""
-    dtype = torch.bfloat16
-    x, w, b = layer_norm_inputs((700,), 384, "cpu", dtype, True, True, seed=8)
-    residual = layer_norm_inputs((700,), 384, "cpu", dtype, False, False, seed=9)[0]
-    grad = torch.randn(700, 768, generator=torch.Generator().manual_seed(10)).to(dtype)
-
-    def run():
-        torch.manual_seed(0)
-        out = torch.cat(kernels.add_norm(x, residual, (384,), w, b, 1e-5, "layer", 0.2, backend="ext"), -1)
-        ln = kernels.layer_norm(x, (384,), w, b, backend="ext")
-        return [out, ln, *torch.autograd.grad(out, (x, residual, w, b), grad),
-                *torch.autograd.grad(ln, (x, w, b), grad[:, :384])]
-
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
-        one = run()
-        torch.set_num_threads(2)
-        two = run()
-    finally:
-        torch.set_num_threads(threads)
-    for a, b_ in zip(one, two):
-        assert torch.equal(a, b_)
-
-
 def test_modules_in_bf16_match_torchs():
     """kernels.LayerNorm/RMSNorm cast to bfloat16 (auto picks ext) against float64 math on the same parameters, and
     against torch's own bf16 modules (which are as far from float64 as a bf16 result is)."""

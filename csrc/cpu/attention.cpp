@@ -15,8 +15,9 @@
 // they fall back to a plain loop nest. bfloat16 inputs keep their tile products in bfloat16 (MKL's
 // gemm_bf16bf16f32, which uses AMX tiles, AVX512-BF16 or AVX2 as the CPU has them, chosen at run time), with fp32
 // accumulation; P and dS are rounded to bfloat16 as operands of the second products, as FlashAttention does on GPUs.
-// Softmax statistics, accumulators and dQ/dK/dV sums stay fp32. Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p
-// (philox.h), regenerated tile by tile in the backward, never stored.
+// Softmax statistics, accumulators and dQ/dK/dV sums stay fp32.
+// Dropout keeps weight (i, j) iff philox_uniform(seed, offset) >= p (philox.h), regenerated tile by tile in the
+// backward, never stored.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
