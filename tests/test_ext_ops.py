@@ -142,6 +142,13 @@ def test_bad_input_to_raw_ops_raises_runtime_error():
         (lambda: ops.attention_fwd(q[:, :, :0], q, q, True, 0.0, 1.0, None), "sequence lengths"),
         (lambda: ops.attention_bwd(q, q, q, q, q, torch.zeros(1, 2, 4), True, 0.0, 1.0, None), "lse"),
         (lambda: ops.attention_bwd(q[:, :, :3], q, q, q, q, torch.zeros(1, 2, 5), True, 0.0, 1.0, None), "grad_out"),
+        (lambda: ops.attention_fwd(torch.randn(1, 3, 5, 16), q, q, True, 0.0, 1.0, None), "multiple of k's"),
+        (lambda: ops.attention_fwd(q, q, q, False, 0.0, 1.0, None, torch.ones(1, 2, 5, 3, dtype=torch.bool)),
+         "attn_mask must be a"),
+        (lambda: ops.attention_fwd(q, q, q, False, 0.0, 1.0, None, torch.ones(1, 2, 5, 5, dtype=torch.int32)),
+         "attn_mask must be bool or q's dtype"),
+        (lambda: ops.attention_bwd(q, q, q, q, q, torch.zeros(1, 2, 5), False, 0.0, 1.0, None,
+                                   torch.zeros(1, 2, 5, 5).double()), "attn_mask must be bool or q's dtype"),
     ]
     for call, match in cases:
         with pytest.raises(RuntimeError, match=match):
