@@ -46,13 +46,14 @@ def eager_tokens():
 
 
 @torch.no_grad()
-def decode(model, past_kv, token, steps):
-    """GPT.generate's cached steps: `steps` greedy tokens after `token`, from `past_kv`, which stays intact (each
-    step concatenates a new cache), so every timed call starts from the same Tk."""
+def decode(model, cache, token, steps):
+    """GPT.generate's cached steps: `steps` greedy tokens after `token`, from the prefilled KV cache, cropped back
+    to the prompt first, so every timed call starts from the same Tk."""
     tokens = []
+    cache.crop(PROMPT_TOKENS)
     with kernels.use_backend(model.config.kernels):
         for _ in range(steps):
-            logits, past_kv = model.next_token_logits(token, past_kv)
+            logits, cache = model.next_token_logits(token, cache)
             token = sample_next(logits, temperature=0)
             tokens.append(token)
     return torch.cat(tokens, dim=1)
@@ -76,17 +77,17 @@ def test_decode(timed, backend):
     skip_unless_runnable(backend)
     model = model_for(backend)
     with torch.no_grad(), kernels.use_backend(model.config.kernels):
-        logits, past_kv = model.next_token_logits(prompt())  # the prefill, outside the timing
+        logits, cache = model.next_token_logits(prompt())  # the prefill, outside the timing
     first = sample_next(logits, temperature=0)
 
     def check():
         generated = eager_tokens() if backend == "eager" else model.generate(prompt(), NEW_TOKENS + 1, temperature=0)
         assert_greedy_tokens_match(generated, eager_tokens())
         assert torch.equal(first, generated[:, PROMPT_TOKENS:PROMPT_TOKENS + 1])
-        assert torch.equal(decode(model, past_kv, first, NEW_TOKENS), generated[:, PROMPT_TOKENS + 1:])
+        assert torch.equal(decode(model, cache, first, NEW_TOKENS), generated[:, PROMPT_TOKENS + 1:])
 
     info = dict(op="decode", mode="greedy, KV cache", dtype="float32",
                 shape=f"B 1, Tk {PROMPT_TOKENS + 1}..{PROMPT_TOKENS + NEW_TOKENS}, "
                       f"L {CONFIG.n_layer} H {CONFIG.n_head} C {CONFIG.n_embd}")
-    timed(lambda: decode(model, past_kv, first, NEW_TOKENS), f"decode {info['shape']}", backend, info,
+    timed(lambda: decode(model, cache, first, NEW_TOKENS), f"decode {info['shape']}", backend, info,
           {"tokens": NEW_TOKENS}, check, baseline="eager")

@@ -38,6 +38,35 @@ class ModelConfig:
     kernels: str = "eager"  # eager | triton | ext | auto
 
 
+class KVCache:
+    """Every layer's keys and values for the tokens seen so far, in buffers of block_size positions allocated at
+    the first write: a decoding step writes its token's (k, v) in place and attention reads the filled prefix as a
+    strided view, where concatenating onto the cache would copy all of it every step."""
+
+    def __init__(self, block_size):
+        self.block_size = block_size
+        self.length = 0  # positions filled, the same in every layer; GPT._trunk advances it after all layers
+        self._buffers = {}  # attention module -> its (k, v) buffers (B, H, block_size, D)
+
+    def update(self, layer, k, v):
+        """Write k, v (B, H, T, D) at positions length .. length + T - 1 of `layer`'s buffers; returns the layer's
+        keys and values at positions 0 .. length + T - 1."""
+        if layer not in self._buffers:
+            B, H, _, D = k.shape
+            self._buffers[layer] = tuple(k.new_empty(B, H, self.block_size, D) for _ in range(2))
+        k_cache, v_cache = self._buffers[layer]
+        end = self.length + k.size(2)
+        k_cache[:, :, self.length:end] = k
+        v_cache[:, :, self.length:end] = v
+        return k_cache[:, :, :end], v_cache[:, :, :end]
+
+    def crop(self, length):
+        """Forget every position from `length` on (the next step writes there)."""
+        if not 0 <= length <= self.length:
+            raise ValueError(f"cannot crop a KV cache of {self.length} positions to {length}")
+        self.length = length
+
+
 class CausalSelfAttention(nn.Module):
 
     def __init__(self, config):
@@ -50,26 +79,28 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
 
-    def forward(self, x, past_kv=None, resid_dropout=True):
-        """Attention over x (B, T, C); with `past_kv` (the cached keys and values), x is the next single token.
+    def forward(self, x, cache=None, resid_dropout=True):
+        """Attention over x (B, T, C). With a KVCache, x's keys and values are written to it; when it already
+        holds earlier tokens, x is the next single token and attends to them all.
 
-        Returns the output and this layer's (k, v) for the cache. resid_dropout=False leaves the output's dropout
-        to the kernels.add_norm that adds it to the residual stream.
+        resid_dropout=False leaves the output's dropout to the kernels.add_norm that adds it to the residual stream.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
-        if past_kv is None:
+        if cache is None or cache.length == 0:
             dropout_p = self.dropout if self.training else 0.0
             y = kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
+            if cache is not None:
+                cache.update(self, k, v)
         else:
             assert T == 1, "decoding with a KV cache takes one token at a time"
-            k, v = torch.cat([past_kv[0], k], dim=2), torch.cat([past_kv[1], v], dim=2)
+            k, v = cache.update(self, k, v)
             # Every cached key lies in the new token's past, so no causal mask: (Tq=1) x (Tk=cached+1).
             # The backend comes from the kernels.use_backend block that GPT.generate opens.
             y = kernels.scaled_dot_product_attention(q, k, v, is_causal=False)
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
-        return self.resid_dropout(y) if resid_dropout else y, (k, v)
+        return self.resid_dropout(y) if resid_dropout else y
 
 
 class MLP(nn.Module):
@@ -160,22 +191,22 @@ class Block(nn.Module):
         self.ln_2 = layer_norm(config) if config.mlp else None
         self.mlp = MLP(config) if config.mlp else None
 
-    def forward(self, x, past_kv=None):
-        a, kv = self.attn(self.ln_1(x), past_kv)
+    def forward(self, x, cache=None):
+        a = self.attn(self.ln_1(x), cache)
         x = x + a if self.residual else a
         if self.mlp is not None:
             m = self.mlp(self.ln_2(x))
             x = x + m if self.residual else m
-        return x, kv
+        return x
 
-    def forward_add_norm(self, y, x, next_norm, dropout_p, past_kv=None):
+    def forward_add_norm(self, y, x, next_norm, dropout_p, cache=None):
         """forward's arithmetic with each residual add fused with the norm after it: takes y = ln_1(x) along with
-        x, and returns (next_norm(x'), x', kv) for the block's output x' (next_norm: the next block's ln_1, or ln_f).
+        x, and returns (next_norm(x'), x') for the block's output x' (next_norm: the next block's ln_1, or ln_f).
         """
-        a, kv = self.attn(y, past_kv, resid_dropout=False)
+        a = self.attn(y, cache, resid_dropout=False)
         y, x = add_norm(a, x, self.ln_2, dropout_p)
         y, x = add_norm(self.mlp(y, resid_dropout=False), x, next_norm, dropout_p)
-        return y, x, kv
+        return y, x
 
 
 def sample_next(logits, temperature=1.0, top_k=None, generator=None):
@@ -224,34 +255,37 @@ class GPT(nn.Module):
 
     def forward(self, idx, targets=None):
         """Logits (B, T, V) for idx (B, T), and the mean cross-entropy when `targets` are given."""
-        x, _ = self._trunk(idx)
+        x = self._trunk(idx)
         logits = self.lm_head(x)
         if targets is None:
             return logits, None
         return logits, F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1))
 
-    def next_token_logits(self, idx, past_kv=None):
-        """Logits (B, V) for the token after idx, and the per-layer (k, v) cache now covering idx too.
+    def next_token_logits(self, idx, cache=None):
+        """Logits (B, V) for the token after idx, and the KVCache, now covering idx too.
 
-        Without `past_kv` this is a prefill of all of idx; with it, idx is the single next token.
+        Without a cache this is a prefill of all of idx into a new one; with it, idx is the single next token.
         """
-        x, present = self._trunk(idx, past_kv)
-        return self.lm_head(x[:, -1, :]), present
+        cache = KVCache(self.config.block_size) if cache is None else cache
+        x = self._trunk(idx, cache)
+        return self.lm_head(x[:, -1, :]), cache
 
-    def _trunk(self, idx, past_kv=None):
+    def _trunk(self, idx, cache=None):
         B, T = idx.shape
-        start = 0 if past_kv is None else past_kv[0][0].size(2)
+        start = 0 if cache is None else cache.length
         if start + T > self.config.block_size:
             raise ValueError(f"sequence of length {start + T} exceeds block_size {self.config.block_size}")
         pos = torch.arange(start, start + T, device=idx.device)
         x = self.drop(self.wte(idx) + self.wpe(pos))
         if self._takes_add_norm(x):
-            return self._trunk_add_norm(x, past_kv)
-        present = []
-        for i, block in enumerate(self.blocks):
-            x, kv = block(x, None if past_kv is None else past_kv[i])
-            present.append(kv)
-        return self.ln_f(x), present
+            x = self._trunk_add_norm(x, cache)
+        else:
+            for block in self.blocks:
+                x = block(x, cache)
+            x = self.ln_f(x)
+        if cache is not None:
+            cache.length += T
+        return x
 
     def _takes_add_norm(self, x):
         if not fuses_residual_norms(self.config):
@@ -260,7 +294,7 @@ class GPT(nn.Module):
             return self.use_add_norm
         return has_fused_add_norm(self.config.kernels, x.device.type, x.dtype)
 
-    def _trunk_add_norm(self, x, past_kv=None):
+    def _trunk_add_norm(self, x, cache=None):
         """_trunk's blocks on a fused backend: each residual add, its dropout and the next norm in one add_norm.
 
         The norm of each block's output is the next block's ln_1 (ln_f after the last), so it is computed where
@@ -269,11 +303,9 @@ class GPT(nn.Module):
         dropout_p = self.config.dropout if self.training else 0.0
         next_norms = [block.ln_1 for block in self.blocks[1:]] + [self.ln_f]
         y = self.blocks[0].ln_1(x)
-        present = []
-        for i, (block, next_norm) in enumerate(zip(self.blocks, next_norms)):
-            y, x, kv = block.forward_add_norm(y, x, next_norm, dropout_p, None if past_kv is None else past_kv[i])
-            present.append(kv)
-        return y, present
+        for block, next_norm in zip(self.blocks, next_norms):
+            y, x = block.forward_add_norm(y, x, next_norm, dropout_p, cache)
+        return y
 
     @torch.no_grad()
     def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, use_cache=True):
@@ -284,15 +316,15 @@ class GPT(nn.Module):
         exactly as generation without a cache does.
         """
         block_size = self.config.block_size
-        past_kv = None
+        cache = None
         with kernels.use_backend(self.config.kernels):
             for _ in range(max_new_tokens):
-                if past_kv is not None and idx.size(1) <= block_size:
-                    logits, past_kv = self.next_token_logits(idx[:, -1:], past_kv)
+                if cache is not None and idx.size(1) <= block_size:
+                    logits, cache = self.next_token_logits(idx[:, -1:], cache)
                 else:
-                    logits, past_kv = self.next_token_logits(idx[:, -block_size:])
+                    logits, cache = self.next_token_logits(idx[:, -block_size:])
                 if not use_cache:
-                    past_kv = None
+                    cache = None
                 idx = torch.cat([idx, sample_next(logits, temperature, top_k, generator)], dim=1)
         return idx
 

@@ -119,6 +119,41 @@ def test_decode_shapes(backend, device, dtype, tk):
     check(backend, q, k, v, dtype, f"{backend} decode Tk={tk} masked", attn_mask=mask)
 
 
+# Decoding shapes (B, Hq, Hk, Tq, Tk, causal, mask) that take the ext CPU kernel's decode paths: a GQA group's
+# heads in one task (Hq/Hk * Tq <= 64 rows), wide key tiles (<= 16 rows), and keys split over up to 16 tasks, with
+# splits that see no key (causal with Tq < Tk, a left-padded prefix) and a last split shorter than the others.
+DECODE_SPLIT_CASES = [(1, 6, 6, 1, 1001, False, None), (1, 8, 1, 3, 700, True, None),
+                      (1, 8, 1, 3, 700, False, "left-padding"), (2, 6, 2, 2, 1500, False, "padding"),
+                      (1, 4, 1, 1, 4100, False, "additive")]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("device,dtype", device_dtype_params())
+@pytest.mark.parametrize("case", DECODE_SPLIT_CASES, ids=lambda c: "x".join(map(str, c[:5])) + f"-{c[6]}")
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25], ids=["nodrop", "dropout"])
+def test_decode_splits(backend, device, dtype, case, dropout_p):
+    require_attention_features(backend, device, dtype, ("mask", "gqa"))
+    b, hq, hk, tq, tk, is_causal, kind = case
+    q, k, v = attention_inputs(b, hq, tq, tk, 64, device, dtype, seed=tk + tq, h_kv=hk)
+    mask = None if kind is None else make_mask(kind, b, hq, tq, tk, device, dtype, seed=tk)
+    ref_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    torch.manual_seed(5)
+    keep = reference.dropout_keep_mask(int(reference.new_dropout_seed(device)), b, hq, tq, tk, dropout_p,
+                                       device=device) if dropout_p else None
+
+    def fused(q, k, v):
+        torch.manual_seed(5)
+        with kernels.use_backend(backend), warnings.catch_warnings():
+            warnings.simplefilter("error")
+            return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                        is_causal=is_causal, enable_gqa=hq != hk)
+
+    def ref(q, k, v):
+        return reference.attention(q, k, v, is_causal, dropout_p, None, ref_mask, dropout_mask=keep)
+
+    check_against_reference(fused, ref, (q, k, v), dtype, f"{backend} decode {case} dropout {dropout_p}")
+
+
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("kind", ["padding", "additive"])

@@ -101,6 +101,10 @@ def _run_everything():
         torch.manual_seed(5)
         out = kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend="ext")
         results += [out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out) + q.detach())]
+    # Decoding: one query against 1001 keys, GQA 6/2, whose few tasks split their keys (flash-decoding).
+    q, k, v = _qkv(1, 6, 1, 1001, 64, seed=4, grad=False)
+    with kernels.use_backend("ext"):
+        results.append(kernels.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True))
     return results
 
 

@@ -173,10 +173,10 @@ def test_kv_cache_on_the_add_norm_path():
     idx = torch.randint(65, (2, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad(), kernels.use_backend(config.kernels):
         full, _ = fused(idx)
-        logits, past = fused.next_token_logits(idx[:, :6])
+        logits, cache = fused.next_token_logits(idx[:, :6])
         steps = [logits]
         for t in range(6, 12):
-            logits, past = fused.next_token_logits(idx[:, t:t + 1], past)
+            logits, cache = fused.next_token_logits(idx[:, t:t + 1], cache)
             steps.append(logits)
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:12], rtol=1e-5, atol=1e-5)
     cached, recomputed, want = (model.generate(idx[:, :4], 10, temperature=0, use_cache=use_cache)

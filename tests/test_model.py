@@ -107,12 +107,32 @@ def test_cached_decoding_matches_full_logits(backend):
     idx = torch.randint(65, (2, 10), device=device)
     with torch.no_grad(), kernels.use_backend(backend):
         full, _ = model(idx)
-        logits, past = model.next_token_logits(idx[:, :6])
+        logits, cache = model.next_token_logits(idx[:, :6])
         steps = [logits]
         for t in range(6, 10):
-            logits, past = model.next_token_logits(idx[:, t:t + 1], past)
+            logits, cache = model.next_token_logits(idx[:, t:t + 1], cache)
             steps.append(logits)
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 5:10], **tolerance(device))
+
+
+def test_kv_cache_crop_replays_and_checks_its_length():
+    """A cache cropped back to the prompt decodes the same logits again (bench_decode times it so); positions
+    written past the crop are overwritten, and a crop outside the filled length is refused."""
+    torch.manual_seed(0)
+    model = build_model(TINY).eval()
+    idx = torch.randint(65, (2, 9), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        def decode(cache, tokens):
+            return torch.stack([model.next_token_logits(tokens[:, t:t + 1], cache)[0]
+                                for t in range(tokens.size(1))])
+        _, cache = model.next_token_logits(idx[:, :5])
+        first = decode(cache, idx[:, 5:])
+        cache.crop(5)
+        again = decode(cache, idx[:, 5:])
+    assert cache.length == 9
+    torch.testing.assert_close(again, first, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="cannot crop a KV cache of 9 positions to 10"):
+        cache.crop(10)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -3,6 +3,8 @@
 //             (running max m, running sum l, rescaled fp32 accumulator), key tiles past the diagonal are
 //             skipped, and log-sum-exp m + log(l) is saved for the backward. A row whose scores are all -inf
 //             (fully masked) gives output 0 and lse +inf, so its backward is 0 too, as in torch's SDPA.
+//             Decoding (few queries, many keys): a GQA group's heads share a task, key tiles widen, and too few
+//             tasks split their keys (flash-decoding), the splits' partial softmaxes combined at the end.
 //   backward: one task per (batch, key/value head): for each key tile, each query head of its group and each
 //             visible query tile recomputes P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta),
 //             dK += dS^T Q, dQ += dS K, with delta = rowsum(dO * O). A kv head and its query group are owned by
@@ -54,6 +56,15 @@ using simd::vfloat;
 
 constexpr int64_t kTileQ = 64;
 constexpr int64_t kTileK = 64;  // a multiple of kWidth: score rows are padded to it
+// Decoding (few query rows against many keys), forward only:
+constexpr int64_t kFewRows = 16;        // a task of at most this many query rows takes key tiles up to
+constexpr int64_t kWideTileK = 1024;    //   this wide (a multiple of kTileK)
+constexpr int64_t kSplitBelow = 16;     // fewer tasks than this split their keys, into up to
+constexpr int64_t kMaxSplits = 16;      //   this many splits
+constexpr int64_t kMinSplitKeys = 256;  //   of at least this many keys
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+inline int64_t round_up(int64_t a, int64_t b) { return ceil_div(a, b) * b; }
 
 // Column-major C (m x n) = alpha * op(A) op(B) + beta * C, the BLAS convention.
 void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alpha, const float* a, int64_t lda,
@@ -247,47 +258,86 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
   at::Tensor lse = at::empty({B, H, Tq}, q_in.options().dtype(at::kFloat));
   T* out_p = out.mutable_data_ptr<T>();
   float* lse_p = lse.mutable_data_ptr<float>();
-  const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
 
-  const int64_t grain = parallel_grain(std::min(Tq, kTileQ) * Tk * D);  // a task: its query tile times every key
-  at::parallel_for(0, B * H * q_tiles, grain, [&](int64_t begin, int64_t end) {
+  // The work, decided by shape alone (so results never depend on the thread count):
+  //  - a task is one head's tile of up to kTileQ queries, or, when a kv head's whole query group fits one tile
+  //    (GQA decoding), all the group's heads at once, so K and V are read once per group, not once per head;
+  //  - a task of few rows (decoding) takes wide key tiles: fewer, longer products and fewer rescales;
+  //  - too few tasks to fill the machine split their keys (flash-decoding): each split keeps its own (m, l, acc),
+  //    combined below.
+  const int64_t heads_per_task = group > 1 && Tq > 0 && group * Tq <= kTileQ ? group : 1;
+  const int64_t tile_q = heads_per_task > 1 ? Tq : kTileQ;
+  const int64_t q_tiles = ceil_div(Tq, tile_q);
+  const int64_t head_blocks = H / heads_per_task;
+  const int64_t tasks = B * head_blocks * q_tiles;
+  const int64_t max_rows = heads_per_task * std::min(Tq, tile_q);
+  const int64_t splits = tasks > 0 && tasks < kSplitBelow && Tk >= 2 * kMinSplitKeys
+                             ? std::min({ceil_div(kSplitBelow, tasks), Tk / kMinSplitKeys, kMaxSplits})
+                             : 1;
+  const int64_t split_len = round_up(ceil_div(Tk, splits), kTileK);
+  const int64_t key_tile = max_rows <= kFewRows ? std::clamp(split_len, kTileK, kWideTileK) : kTileK;
+  // Per (task, split) partial results when the keys are split: acc (rows x D), then m and l per row.
+  const int64_t partial_size = max_rows * (D + 2);
+  std::vector<float> partials(splits > 1 ? tasks * splits * partial_size : 0);
+
+  const int64_t grain = parallel_grain(max_rows * std::min(Tk, split_len) * D);  // a unit: its rows x its keys
+  at::parallel_for(0, tasks * splits, grain, [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
-    std::vector<float> s(kTileQ * kTileK), z(kTileK), acc(kTileQ * D), m(kTileQ), l(kTileQ), orow(D);
-    std::vector<T> p_op(kTileQ * kTileK);  // P as a product operand (bfloat16 inputs)
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t bh = task / q_tiles, b = bh / H, h = bh % H;
-      const int64_t i0 = (task % q_tiles) * kTileQ, bq = std::min(kTileQ, Tq - i0);
-      const T* qp = q.at_head(b, h) + i0 * q.st;
-      const T* kp = k.at_head(b, h / group);
-      const T* vp = v.at_head(b, h / group);
+    std::vector<float> s(max_rows * key_tile), z(key_tile), acc(max_rows * D), m(max_rows), l(max_rows), orow(D);
+    std::vector<T> p_op(max_rows * key_tile);                        // P as a product operand (bfloat16 inputs)
+    std::vector<T> q_pack(heads_per_task > 1 ? max_rows * D : 0);  // a group's query rows, side by side
+    for (int64_t unit = begin; unit < end; ++unit) {
+      const int64_t task = unit / splits, split = unit % splits;
+      const int64_t b = task / q_tiles / head_blocks, h_first = task / q_tiles % head_blocks * heads_per_task;
+      const int64_t i0 = task % q_tiles * tile_q, bq = std::min(tile_q, Tq - i0), rows = heads_per_task * bq;
+      const auto head_of = [&](int64_t r) { return h_first + r / bq; };  // row r is query i0 + r % bq of this head
+      const T* qp = q.at_head(b, h_first) + i0 * q.st;
+      int64_t ldq = q.st;
+      if (heads_per_task > 1) {
+        for (int64_t r = 0; r < rows; ++r) {
+          const T* row = q.at_head(b, head_of(r)) + (i0 + r % bq) * q.st;
+          std::copy(row, row + D, q_pack.data() + r * D);
+        }
+        qp = q_pack.data();
+        ldq = D;
+      }
+      const T* kp = k.at_head(b, h_first / group);
+      const T* vp = v.at_head(b, h_first / group);
       std::fill(m.begin(), m.end(), -std::numeric_limits<float>::infinity());
       std::fill(l.begin(), l.end(), 0.f);
       std::fill(acc.begin(), acc.end(), 0.f);
       const int64_t key_end = is_causal ? std::min(Tk, i0 + bq) : Tk;  // causal: later key tiles are skipped
-      for (int64_t j0 = 0; j0 < key_end; j0 += kTileK) {
-        const int64_t bk = std::min(kTileK, key_end - j0);
-        if (mask.present() && mask.removes_tile(b, h, i0, bq, j0, bk)) continue;
-        // S (bq x bk, row-major, ld kTileK) = scale * Q K^T, i.e. column-major S^T = K Q^T.
-        gemm(true, false, bk, bq, D, scale, kp + j0 * k.st, k.st, qp, q.st, 0.f, s.data(), kTileK);
-        for (int64_t r = 0; r < bq; ++r) {
-          float* sr = s.data() + r * kTileK;
-          const int64_t visible = visible_keys(is_causal, i0 + r, j0, bk);
+      const int64_t split_end = std::min(key_end, (split + 1) * split_len);
+      for (int64_t j0 = split * split_len; j0 < split_end; j0 += key_tile) {
+        const int64_t bk = std::min(key_tile, split_end - j0), width = round_up(bk, kWidth);
+        if (mask.present()) {
+          bool removed = true;
+          for (int64_t g = 0; g < heads_per_task && removed; ++g)
+            removed = mask.removes_tile(b, h_first + g, i0, bq, j0, bk);
+          if (removed) continue;
+        }
+        // S (rows x bk, row-major, ld key_tile) = scale * Q K^T, i.e. column-major S^T = K Q^T.
+        gemm(true, false, bk, rows, D, scale, kp + j0 * k.st, k.st, qp, ldq, 0.f, s.data(), key_tile);
+        for (int64_t r = 0; r < rows; ++r) {
+          const int64_t h = head_of(r), i = i0 + r % bq;
+          float* sr = s.data() + r * key_tile;
+          const int64_t visible = visible_keys(is_causal, i, j0, bk);
           if (visible == 0) {  // this query sees none of the tile
-            std::fill(sr, sr + kTileK, 0.f);
+            std::fill(sr, sr + width, 0.f);
             continue;
           }
-          if (mask.present()) mask.apply(b, h, i0 + r, j0, visible, sr);
+          if (mask.present()) mask.apply(b, h, i, j0, visible, sr);
           // Masked and padding columns become -inf, so the vector max and exp below need no bounds.
-          for (int64_t j = visible; j < kTileK; ++j) sr[j] = -std::numeric_limits<float>::infinity();
+          for (int64_t j = visible; j < width; ++j) sr[j] = -std::numeric_limits<float>::infinity();
           vfloat vmax = simd::load(sr);
-          for (int64_t j = kWidth; j < kTileK; j += kWidth) vmax = simd::vmax(vmax, simd::load(sr + j));
+          for (int64_t j = kWidth; j < width; j += kWidth) vmax = simd::vmax(vmax, simd::load(sr + j));
           const float m_new = simd::max_keep_nan(m[r], simd::reduce_max(vmax));  // NaN scores make the row NaN
           // A row that has seen only -inf scores (fully masked so far) keeps m = -inf and l = 0: exponentiating
           // against 0 instead of -inf gives P = 0 and alpha = 0, not exp(-inf + inf) = NaN.
           const float m_ref = m_new == -std::numeric_limits<float>::infinity() ? 0.f : m_new;
           const float alpha = std::exp(m[r] - m_ref);  // 0 on the first tile (m = -inf)
           vfloat sum = simd::splat(0.f);
-          for (int64_t j = 0; j < kTileK; j += kWidth) {
+          for (int64_t j = 0; j < width; j += kWidth) {
             const vfloat e = simd::exp(simd::load(sr + j) - m_ref);
             simd::store(sr + j, e);
             sum += e;
@@ -299,28 +349,62 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
             for (int64_t d = 0; d < D; ++d) ar[d] *= alpha;
           }
           if (dropout) {  // the row sum above is taken before dropout, as softmax-then-dropout requires
-            const uint64_t base = static_cast<uint64_t>(((bh * Tq) + i0 + r) * Tk + j0);
+            const uint64_t base = static_cast<uint64_t>(((b * H + h) * Tq + i) * Tk + j0);
             // Only the visible keys need a draw: past them P is exactly 0 and z stays finite from earlier rows.
             simd::dropout_factors(z.data(), visible, drop_seed, base, drop.p, drop.keep_scale);
-            for (int64_t j = 0; j < kTileK; j += kWidth)
+            for (int64_t j = 0; j < width; j += kWidth)
               simd::store(sr + j, simd::load(sr + j) * simd::load(z.data() + j));
           }
         }
-        // acc (bq x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.
-        gemm(false, false, D, bq, bk, 1.f, vp + j0 * v.st, v.st, as_operand(s.data(), p_op.data(), bq * kTileK),
-             kTileK, 1.f, acc.data(), D);
+        // acc (rows x D, row-major) += P V, i.e. column-major acc^T += V^T P^T.
+        gemm(false, false, D, rows, bk, 1.f, vp + j0 * v.st, v.st,
+             as_operand(s.data(), p_op.data(), rows * key_tile), key_tile, 1.f, acc.data(), D);
       }
-      for (int64_t r = 0; r < bq; ++r) {
+      if (splits > 1) {  // this split's share; the combine below normalises
+        float* part = partials.data() + unit * partial_size;
+        std::copy(acc.begin(), acc.begin() + rows * D, part);
+        std::copy(m.begin(), m.begin() + rows, part + max_rows * D);
+        std::copy(l.begin(), l.begin() + rows, part + max_rows * (D + 1));
+        continue;
+      }
+      for (int64_t r = 0; r < rows; ++r) {
+        const int64_t row = (b * H + head_of(r)) * Tq + i0 + r % bq;
         // l = 0: every score was -inf (a fully masked row). Its output is 0, as in torch's SDPA, and its lse +inf, so
         // the backward's P = exp(S - lse) is 0 there as well. A NaN l (NaN or inf scores) stays NaN.
         const float inv = l[r] == 0.f ? 0.f : 1.f / l[r];
         const float* ar = acc.data() + r * D;
         for (int64_t d = 0; d < D; ++d) orow[d] = ar[d] * inv;
-        store_row(orow.data(), out_p + (bh * Tq + i0 + r) * D, D);
-        lse_p[bh * Tq + i0 + r] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
+        store_row(orow.data(), out_p + row * D, D);
+        lse_p[row] = l[r] == 0.f ? std::numeric_limits<float>::infinity() : m[r] + std::log(l[r]);
       }
     }
   });
+  if (splits > 1) {  // out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s, M = max_s m_s; few rows, one thread
+    std::vector<float> orow(D);
+    for (int64_t task = 0; task < tasks; ++task) {
+      const int64_t b = task / q_tiles / head_blocks, h_first = task / q_tiles % head_blocks * heads_per_task;
+      const int64_t i0 = task % q_tiles * tile_q, bq = std::min(tile_q, Tq - i0);
+      const float* part = partials.data() + task * splits * partial_size;
+      for (int64_t r = 0; r < heads_per_task * bq; ++r) {
+        float m_all = -std::numeric_limits<float>::infinity(), l_all = 0.f;
+        for (int64_t sp = 0; sp < splits; ++sp)
+          m_all = simd::max_keep_nan(m_all, part[sp * partial_size + max_rows * D + r]);
+        const float m_ref = m_all == -std::numeric_limits<float>::infinity() ? 0.f : m_all;
+        std::fill(orow.begin(), orow.end(), 0.f);
+        for (int64_t sp = 0; sp < splits; ++sp) {
+          const float* ps = part + sp * partial_size;
+          const float w = std::exp(ps[max_rows * D + r] - m_ref);  // 0 for a split that saw no key
+          l_all += w * ps[max_rows * (D + 1) + r];
+          for (int64_t d = 0; d < D; ++d) orow[d] += w * ps[r * D + d];
+        }
+        const float inv = l_all == 0.f ? 0.f : 1.f / l_all;
+        for (int64_t d = 0; d < D; ++d) orow[d] *= inv;
+        const int64_t row = (b * H + h_first + r / bq) * Tq + i0 + r % bq;
+        store_row(orow.data(), out_p + row * D, D);
+        lse_p[row] = l_all == 0.f ? std::numeric_limits<float>::infinity() : m_all + std::log(l_all);
+      }
+    }
+  }
   return {out, lse};
 }
 
