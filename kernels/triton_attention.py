@@ -21,6 +21,11 @@ backward; a bool mask replaces removed scores by -inf (as masked_fill), an addit
 GQA: query head h reads key/value head h // GROUP; each dK/dV program owns one key block of one kv head and loops
 over its GROUP query heads, so the sum over the group runs in a fixed order, without atomics.
 
+Decoding (flash-decoding): when a kv head's whole query group is a few rows (GQA group x Tq <= DECODE_ROWS, e.g.
+one new token against a KV cache), one program takes all of them, so K and V are read once per group, and the keys
+are split over several programs to fill the GPU; each split writes its unnormalized output, row max and row sum,
+and a second kernel combines the splits into the output and lse the backward reads.
+
 Dropout (spec in kernels.reference): the keep-mask of entry (b, h, i, j) is tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j)
 >= p, drawn from a seed tensor taken from torch's generator once per forward call and regenerated - never
 stored - in both backward kernels.
@@ -73,6 +78,16 @@ FP32_CONFIGS = {
     "dq": _configs([(16, 32, 8, 2)]),
 }
 DELTA_BLOCK_M = 64
+# Decoding: a program's query rows (BLOCK_M, the smallest tl.dot tile) and keys per tile; float32's exact dots
+# take half the keys and twice the warps (no spills at D = 256, tests/test_triton_compile.py). Below DECODE_MIN_KEYS keys the regular forward serves; a split covers at least
+# DECODE_SPLIT_KEYS keys, and splits are added until there are about DECODE_PROGRAMS_PER_SM programs per SM.
+DECODE_ROWS = 16
+DECODE_CONFIGS = {4: triton.Config({"BLOCK_M": DECODE_ROWS, "BLOCK_N": 32}, num_warps=8, num_stages=2),
+                  2: triton.Config({"BLOCK_M": DECODE_ROWS, "BLOCK_N": 64}, num_warps=4, num_stages=2)}
+DECODE_MIN_KEYS = 256
+DECODE_SPLIT_KEYS = 256
+DECODE_PROGRAMS_PER_SM = 2
+INTERPRETER_SMS = 4  # under TRITON_INTERPRET=1: enough splits to exercise the combine
 # Under TRITON_INTERPRET=1 a single config each; uneven blocks so both masking schemes are exercised on CPU.
 INTERPRETER_CONFIGS = {
     "forward": _configs([(64, 32, 4, 1)]),
@@ -367,6 +382,88 @@ def _attention_forward(Q, K, V, Out, LSE, Mask, seed_ptr,
 
 
 @triton.jit
+def _attention_decode(Q, K, V, Partial, PartialMax, PartialSum, Mask, seed_ptr,
+                      stride_qb, stride_qh, stride_qm,  # q (B, H, Tq, D): batch, head, row strides; columns unit
+                      stride_kb, stride_kh, stride_kn,  # k (B, H / GROUP, Tk, D)
+                      stride_vb, stride_vh, stride_vn,  # v (B, H / GROUP, Tk, D)
+                      stride_mb, stride_mh, stride_mm, stride_mn,  # attn_mask (B, H, Tq, Tk), 0 where broadcast
+                      H, T_Q, T_K, qk_scale,  # query heads, lengths, scale * log2(e)
+                      dropout_p, dropout_scale,  # p and 1 / (1 - p)
+                      split_len, n_rows,  # keys per split (a multiple of BLOCK_N); B * H * Tq
+                      GROUP: tl.constexpr,  # query heads per key/value head (1: no GQA)
+                      IS_CAUSAL: tl.constexpr, HAS_MASK: tl.constexpr, MASK_BOOL: tl.constexpr,
+                      HAS_DROPOUT: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    # Grid: (B * H / GROUP kv heads) x (splits). Row r of a program is query r % Tq of head kv_head * GROUP + r // Tq
+    # (GROUP * Tq <= BLOCK_M), against keys [split * split_len, (split + 1) * split_len). Partial* hold, per split,
+    # each row's unnormalized output (n_rows x HEAD_DIM), running max and running sum (log2 units).
+    splits = tl.cdiv(T_K, split_len)
+    split = (tl.program_id(0) % splits).to(tl.int64)
+    kv_heads = H // GROUP
+    b = (tl.program_id(0) // splits // kv_heads).to(tl.int64)
+    kv_head = (tl.program_id(0) // splits % kv_heads).to(tl.int64)
+    rows = tl.arange(0, BLOCK_M)
+    valid = rows < GROUP * T_Q
+    h_rows = kv_head * GROUP + tl.where(valid, rows // T_Q, 0)
+    offs_m = tl.where(valid, rows % T_Q, T_Q)  # padding rows: a query index past the end (the mask reads 0 there)
+    offs_d = tl.arange(0, BLOCK_D)
+    inside = valid[:, None] & (offs_d < HEAD_DIM)[None, :]
+    q = tl.load(Q + b * stride_qb + h_rows[:, None] * stride_qh + offs_m[:, None] * stride_qm + offs_d[None, :],
+                mask=inside, other=0.0)
+    K_head = K + b * stride_kb + kv_head * stride_kh
+    V_head = V + b * stride_vb + kv_head * stride_vh
+    # Per-row mask bases and dropout streams: the sweep broadcasts them against its key indices.
+    Mask_rows = (Mask + b * stride_mb + h_rows * stride_mh)[:, None]
+    seed, rng_base = _dropout_stream(seed_ptr, b * H + h_rows, T_Q, T_K, HAS_DROPOUT)
+
+    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], FLOAT32_LOWEST, dtype=tl.float32)  # as in _attention_forward
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    key_lo = split * split_len
+    key_hi = tl.minimum(key_lo + split_len, tl.minimum(T_K, T_Q) if IS_CAUSAL else T_K)  # causal: keys <= i
+    unmasked_hi = 0 if IS_CAUSAL else T_K // BLOCK_N * BLOCK_N
+    mid = tl.maximum(key_lo, tl.minimum(unmasked_hi, key_hi))
+    acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, key_lo, mid, False,
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                                           Mask_rows, stride_mm, stride_mn, seed, rng_base[:, None], dropout_p,
+                                           dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM,
+                                           BLOCK_D, BLOCK_N)
+    acc, row_max, row_sum = _forward_sweep(acc, row_max, row_sum, mid, key_hi, True,
+                                           q, offs_m, K_head, stride_kn, V_head, stride_vn, T_Q, T_K, qk_scale,
+                                           Mask_rows, stride_mm, stride_mn, seed, rng_base[:, None], dropout_p,
+                                           dropout_scale, IS_CAUSAL, HAS_MASK, MASK_BOOL, HAS_DROPOUT, HEAD_DIM,
+                                           BLOCK_D, BLOCK_N)
+    out_rows = split * n_rows + (b * H + h_rows) * T_Q + offs_m
+    tl.store(Partial + out_rows[:, None] * HEAD_DIM + offs_d[None, :], acc, mask=inside)
+    tl.store(PartialMax + out_rows, row_max, mask=valid)
+    tl.store(PartialSum + out_rows, row_sum, mask=valid)
+
+
+@triton.jit
+def _attention_decode_combine(Partial, PartialMax, PartialSum, Out, LSE,
+                              n_rows, splits,  # B * H * Tq output rows (Out and LSE contiguous); splits written
+                              HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_S: tl.constexpr):
+    # One program per output row: out = sum_s 2^(m_s - M) acc_s / sum_s 2^(m_s - M) l_s with M = max_s m_s, and
+    # lse = M + log2(that sum); a split that saw no key (m_s lowest, l_s = 0) adds nothing, and a row with no key
+    # at all gets 0 and lse +inf, as in _attention_forward.
+    row = tl.program_id(0).to(tl.int64)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    in_split = offs_s < splits
+    maxes = tl.load(PartialMax + offs_s * n_rows + row, mask=in_split, other=float("-inf"))
+    top = tl.max(maxes, 0)
+    weights = tl.exp2(maxes - top)
+    total = tl.sum(weights * tl.load(PartialSum + offs_s * n_rows + row, mask=in_split, other=0.0), 0)
+    parts = tl.load(Partial + (offs_s[:, None] * n_rows + row) * HEAD_DIM + offs_d[None, :],
+                    mask=in_split[:, None] & (offs_d < HEAD_DIM)[None, :], other=0.0)
+    acc = tl.sum(parts * weights[:, None], 0)
+    no_key = total == 0.0
+    tl.store(LSE + row, tl.where(no_key, float("inf"), top + tl.log2(tl.where(no_key, 1.0, total))))
+    tl.store(Out + row * HEAD_DIM + offs_d, (acc / tl.where(no_key, 1.0, total)).to(Out.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@triton.jit
 def _attention_backward_delta(Out, dOut, Delta,
                               stride_ob, stride_oh, stride_om,  # out (B, H, Tq, D): batch, head, row strides
                               stride_dob, stride_doh, stride_dom,  # dOut (B, H, Tq, D)
@@ -605,6 +702,43 @@ def _mask_args(mask, q):
     return (mask.view(torch.uint8) if is_bool else mask), tuple(mask.stride()), True, is_bool
 
 
+def _sm_count(device):
+    if triton_interpreted():
+        return INTERPRETER_SMS
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def decode_splits(programs, t_k, block_n, sms):
+    """(splits, keys per split) for `programs` (batch x kv heads) decode programs over t_k keys: enough splits
+    for about DECODE_PROGRAMS_PER_SM programs per SM, none shorter than DECODE_SPLIT_KEYS keys, each a whole
+    number of key tiles."""
+    wanted = max(1, min(triton.cdiv(DECODE_PROGRAMS_PER_SM * sms, max(programs, 1)), t_k // DECODE_SPLIT_KEYS))
+    split_len = triton.cdiv(triton.cdiv(t_k, wanted), block_n) * block_n
+    return triton.cdiv(t_k, split_len), split_len
+
+
+def _decode(q, k, v, out, lse, seed, mask_t, mask_strides, has_mask, mask_bool, is_causal, dropout_p, scale):
+    """attention_forward for a few query rows per kv head: split-KV programs, then the combine (out, lse)."""
+    batch, heads, t_q, head_dim = q.shape
+    t_k, group = k.shape[2], _group(q, k)
+    config = DECODE_CONFIGS[4 if q.element_size() == 4 else 2]
+    block_n = config.kwargs["BLOCK_N"]
+    splits, split_len = decode_splits(batch * k.shape[1], t_k, block_n, _sm_count(q.device))
+    n_rows = batch * heads * t_q
+    partial = torch.empty((splits, n_rows, head_dim), device=q.device, dtype=torch.float32)
+    partial_max = torch.empty((splits, n_rows), device=q.device, dtype=torch.float32)
+    partial_sum = torch.empty_like(partial_max)
+    wrap_triton(_attention_decode)[(batch * k.shape[1] * splits,)](
+        q, k, v, partial, partial_max, partial_sum, mask_t, seed, *_bht_strides(q), *_bht_strides(k),
+        *_bht_strides(v), *mask_strides, heads, t_q, t_k, scale * LOG2_E, *_dropout_args(dropout_p), split_len,
+        n_rows, GROUP=group, IS_CAUSAL=is_causal, HAS_MASK=has_mask, MASK_BOOL=mask_bool,
+        HAS_DROPOUT=dropout_p > 0.0, HEAD_DIM=head_dim, BLOCK_D=head_dim_block(head_dim), **config.kwargs,
+        num_warps=config.num_warps, num_stages=config.num_stages)
+    wrap_triton(_attention_decode_combine)[(n_rows,)](
+        partial, partial_max, partial_sum, out, lse, n_rows, splits, HEAD_DIM=head_dim,
+        BLOCK_D=head_dim_block(head_dim), BLOCK_S=triton.next_power_of_2(splits))
+
+
 @torch.library.triton_op("chargpt_triton::attention_forward", mutates_args=())
 def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: Optional[torch.Tensor],
                       mask: Optional[torch.Tensor], is_causal: bool, dropout_p: float,
@@ -618,6 +752,9 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, seed: O
     out = _new_like(q)
     lse = torch.empty((batch, heads, t_q), device=q.device, dtype=torch.float32)
     mask_t, mask_strides, has_mask, mask_bool = _mask_args(mask, q)
+    if 0 < _group(q, k) * t_q <= DECODE_ROWS and t_k >= DECODE_MIN_KEYS:
+        _decode(q, k, v, out, lse, seed, mask_t, mask_strides, has_mask, mask_bool, is_causal, dropout_p, scale)
+        return out, lse
     kernel = _autotuned("forward", _attention_forward, q, max(t_q, t_k), dropout_p > 0.0, has_mask,
                         _group(q, k) > 1)
     grid = lambda meta: (triton.cdiv(t_q, meta["BLOCK_M"]) * batch * heads,)  # noqa: E731

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import kernels
 from kernels import reference
-from kernels.testing import attention_inputs, check_against_reference
+from kernels.testing import assert_close, attention_inputs, check_against_reference
 
 from conftest import FUSED_BACKENDS, device_dtype_params, require_attention_features
 
@@ -152,6 +152,24 @@ def test_decode_splits(backend, device, dtype, case, dropout_p):
         return reference.attention(q, k, v, is_causal, dropout_p, None, ref_mask, dropout_mask=keep)
 
     check_against_reference(fused, ref, (q, k, v), dtype, f"{backend} decode {case} dropout {dropout_p}")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("value", ["nan", "inf"])
+def test_decode_non_finite_key_spoils_only_its_group(backend, value):
+    """A NaN (or inf) in one key, inside one of several splits: NaN exactly where float64 has it (every head of
+    that kv head's group for NaN; for inf, the heads whose score is +inf), the rest exact; the combine of the
+    splits neither hides nor spreads it."""
+    require_attention_features(backend, "cpu", torch.float32, ("gqa",))
+    q, k, v = attention_inputs(1, 4, 1, 600, 32, "cpu", torch.float32, seed=8, h_kv=2, requires_grad=False)
+    k = k.clone()
+    k[0, 1, 400, 5] = float(value)
+    with kernels.use_backend(backend):
+        out = kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    want = reference.attention(q.double(), k.double(), v.double())
+    assert want[0, 2:].isnan().any() and not want[0, :2].isnan().any()
+    assert torch.equal(out.isnan(), want.isnan()), f"NaN at {out.isnan().sum()} entries, float64 {want.isnan().sum()}"
+    assert_close(out.nan_to_num(), want.nan_to_num(), torch.float32, f"{backend} decode, the finite entries")
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)

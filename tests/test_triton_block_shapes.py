@@ -48,3 +48,14 @@ def test_every_config_matches_reference(monkeypatch, index, b, h, tq, tk, d, is_
     want = (ref, *torch.autograd.grad(ref, (q64, k64, v64), grad.double()))
     for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert_close(a, w, torch.float32, f"{_label(index)} {name}")
+
+
+@pytest.mark.parametrize("programs,t_k,block_n,sms", [(1, 4096, 64, 132), (6, 1001, 32, 132), (64, 8192, 64, 132),
+                                                      (2, 300, 64, 4), (1, 256, 32, 132), (200, 2048, 64, 132)])
+def test_decode_splits_cover_the_keys_in_whole_tiles(programs, t_k, block_n, sms):
+    """The split-KV rule: whole key tiles, every key in exactly one split, none empty, none shorter than
+    DECODE_SPLIT_KEYS, and no more programs than about DECODE_PROGRAMS_PER_SM per SM once there are enough."""
+    splits, split_len = attention.decode_splits(programs, t_k, block_n, sms)
+    assert split_len % block_n == 0 and (splits - 1) * split_len < t_k <= splits * split_len
+    assert split_len >= min(t_k, attention.DECODE_SPLIT_KEYS)
+    assert splits == 1 or programs * (splits - 1) < attention.DECODE_PROGRAMS_PER_SM * sms

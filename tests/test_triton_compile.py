@@ -22,7 +22,7 @@ import pytest
 REPO = Path(__file__).resolve().parent.parent
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum) on H100 and A100
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
-FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DW_partial", "DB_partial"}
+FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DW_partial", "DB_partial", "Partial", "PartialMax", "PartialSum"}
 FLOAT_SCALARS = {"qk_scale", "scale", "dropout_p", "dropout_scale", "eps"}
 MASKED_SPILL_BYTES = 128
 LONG_SEQUENCE = 8192  # the widest pruning: every config shipped for shorter sequences is among these
@@ -81,6 +81,25 @@ def compile_plan():
             (80, "bf16", 64, False, True, None, 3), (90, "fp16", 128, False, True, None, 4),
             (90, "bf16", 64, False, True, "bool", 3)]:
         add_attention(target, dtype, head_dim, dropout, every, mask, group)
+    # Split-KV decoding: its one config per dtype, with and without GQA, masks and dropout, and its combine.
+    for target, dtype, head_dim, dropout, mask, group in [
+            (90, "bf16", 64, False, None, 1), (80, "bf16", 64, False, None, 1), (90, "fp16", 128, False, "bool", 4),
+            (90, "bf16", 64, True, "additive", 8), (90, "fp32", 64, False, None, 1), (80, "fp32", 128, True, None, 2),
+            (90, "bf16", 256, False, None, 1), (90, "fp32", 256, False, None, 1)]:
+        config = attention.DECODE_CONFIGS[ELEMENT_SIZE[dtype]]
+        constexprs = dict(GROUP=group, IS_CAUSAL=False, HAS_MASK=mask is not None, MASK_BOOL=mask == "bool",
+                          HAS_DROPOUT=dropout, HEAD_DIM=head_dim, BLOCK_D=attention.head_dim_block(head_dim),
+                          **config.kwargs, **({} if dropout else {"seed_ptr": None}))
+        shape = f"D={head_dim}" + (" dropout" if dropout else "") + (f" {mask} mask" if mask else "") + (
+            f" gqa{group}" if group > 1 else "")
+        jobs.append(dict(module="kernels.triton_attention", fn="_attention_decode", kernel="decode", target=target,
+                         dtype=dtype, shape=shape, constexprs=constexprs, num_warps=config.num_warps,
+                         num_stages=config.num_stages, mask=mask))
+    for target, dtype, head_dim in [(90, "bf16", 64), (80, "fp32", 256)]:
+        jobs.append(dict(module="kernels.triton_attention", fn="_attention_decode_combine", kernel="decode_combine",
+                         target=target, dtype=dtype, shape=f"D={head_dim} 16 splits",
+                         constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=attention.head_dim_block(head_dim), BLOCK_S=16),
+                         num_warps=4, num_stages=1))
     for target, dtype, head_dim in [(90, "bf16", 64), (90, "fp32", 80), (80, "fp16", 80)]:
         jobs.append(dict(module="kernels.triton_attention", fn="_attention_backward_delta", kernel="delta",
                          target=target, dtype=dtype, shape=f"D={head_dim}",
@@ -118,7 +137,7 @@ def _none_for(**unused):
 def _signature(fn, dtype, constexprs, job_mask=None):
     """Argument types as a real launch specializes them: data pointers and strides 16-aligned, sizes unknown."""
     signature, attrs = {}, {}
-    first_stride = next(i for i, name in enumerate(fn.arg_names) if name.startswith("stride"))
+    first_stride = next(i for i, name in enumerate(fn.arg_names) if name.startswith("stride") or name == "n_rows")
     for i, name in enumerate(fn.arg_names):
         if name in constexprs:
             signature[name] = "constexpr"
@@ -217,7 +236,8 @@ def test_every_shipped_config_compiles_without_spills_within_shared_memory(compi
 
 
 def test_half_precision_attention_uses_tensor_cores(compiled):
-    attention_rows = [r for r in compiled if r["kernel"] in ("forward", "dkdv", "dq") and r["dtype"] != "fp32"]
+    attention_rows = [r for r in compiled
+                      if r["kernel"] in ("forward", "dkdv", "dq", "decode") and r["dtype"] != "fp32"]
     for row in attention_rows:
         assert row["tensor_cores"] != "-", f"no tensor-core instructions: {row}"
         if row["target"] == "sm_80":
