@@ -79,8 +79,9 @@ FP32_CONFIGS = {
 }
 DELTA_BLOCK_M = 64
 # Decoding: a program's query rows (BLOCK_M, the smallest tl.dot tile) and keys per tile; float32's exact dots
-# take half the keys and twice the warps (no spills at D = 256, tests/test_triton_compile.py). Below DECODE_MIN_KEYS keys the regular forward serves; a split covers at least
-# DECODE_SPLIT_KEYS keys, and splits are added until there are about DECODE_PROGRAMS_PER_SM programs per SM.
+# take half the keys and twice the warps (no spills at D = 256, tests/test_triton_compile.py). Below
+# DECODE_MIN_KEYS keys the regular forward serves; a split covers at least DECODE_SPLIT_KEYS keys, and splits are
+# added until there are about DECODE_PROGRAMS_PER_SM programs per SM.
 DECODE_ROWS = 16
 DECODE_CONFIGS = {4: triton.Config({"BLOCK_M": DECODE_ROWS, "BLOCK_N": 32}, num_warps=8, num_stages=2),
                   2: triton.Config({"BLOCK_M": DECODE_ROWS, "BLOCK_N": 64}, num_warps=4, num_stages=2)}
