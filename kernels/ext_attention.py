@@ -15,8 +15,8 @@ SUPPORTED_DTYPES = {
     "cpu": (torch.float32, torch.bfloat16),
     "cuda": (torch.float32, torch.float16, torch.bfloat16) if ext_build.has_cuda_kernels() else (),
 }
-# attn_mask and GQA are fused in the CPU kernels; the CUDA ones refuse them (the seam sends them elsewhere).
-SUPPORTED_FEATURES = {"cpu": ("mask", "gqa")}
+# attn_mask and GQA are fused in the CPU and the CUDA kernels.
+SUPPORTED_FEATURES = {"cpu": ("mask", "gqa"), "cuda": ("mask", "gqa")}
 
 
 @torch.library.register_fake("chargpt::attention_fwd")
@@ -31,6 +31,6 @@ def _attention_bwd_fake(grad_out, q, k, v, out, lse, is_causal, dropout_p, scale
 
 def attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None):
     """softmax(q k^T * scale + mask) v for q (B, Hq, Tq, D), k and v (B, Hk, Tk, D) (Hq a multiple of Hk); causal
-    is top-left aligned; attn_mask is None or a (B, Hq, Tq, Tk) view (CPU only)."""
+    is top-left aligned; attn_mask is None or a (B, Hq, Tq, Tk) view."""
     seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
     return _attention_fwd(q, k, v, is_causal, dropout_p, scale, seed, attn_mask)[0]

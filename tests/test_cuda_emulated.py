@@ -316,3 +316,78 @@ def test_attention_fully_masked_row_gives_zero(ops, dtype, kind, causal):
     for name, a, w in zip(("out", "dq", "dk", "dv"), got, want):
         assert torch.equal(a.isnan(), w.isnan()), f"{name}: NaN pattern differs from torch's SDPA"
         assert_close(a.double().nan_to_num(), w.nan_to_num(), dtype, f"emulated CUDA {kind}, fully masked {name}")
+
+
+# attn_mask and GQA (issue 11): the mask forms models hand over, read through their strides (broadcast dims stride
+# 0), and query groups whose dK/dV the blocks owning a kv head sum in order; both kernel families.
+@pytest.mark.parametrize("group", [1, 3], ids=["mha", "gqa3"])
+@pytest.mark.parametrize("mask_kind", ["padding", "bool-4d", "additive", "additive-strided"])
+@pytest.mark.parametrize("dtype,kind", SPECIAL_KINDS)
+def test_attention_masks_and_gqa(ops, dtype, kind, mask_kind, group):
+    from test_attention_masks import make_mask
+
+    ops.configure(8 if kind == "tensor-core" else 7, group == 1)
+    b, hk, tq, tk, d = 2, 1, 21, 40, 32
+    hq = hk * group
+    q = fresh(b, tq, hq, d, dtype=dtype, seed=31).transpose(1, 2)
+    k, v = (fresh(b, tk, hk, d, dtype=dtype, seed=s).transpose(1, 2) for s in (32, 33))
+    mask = make_mask(mask_kind, b, hq, tq, tk, "cpu", dtype, seed=34)
+    got, want = _masked_run(ops, q, k, v, mask.expand(b, hq, tq, tk), False)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA {kind} attention, {mask_kind} mask, group {group}: {name}")
+
+
+@pytest.mark.parametrize("dtype,kind", SPECIAL_KINDS)
+def test_attention_mask_causal_dropout_and_gqa_together(ops, dtype, kind):
+    """A padding mask with the causal mask, dropout (the reference's keep-mask) and a query group of 2."""
+    from test_attention_masks import make_mask
+
+    ops.configure(8 if kind == "tensor-core" else 7, True)
+    b, hq, hk, t, d, p = 2, 4, 2, 37, 32, 0.3
+    q, k, v = (fresh(b, hh, t, d, dtype=dtype, seed=s) for hh, s in ((hq, 41), (hk, 42), (hk, 43)))
+    mask = make_mask("padding", b, hq, t, t, "cpu", dtype, seed=44).expand(b, hq, t, t)
+    seed = torch.tensor(424242, dtype=torch.int64)
+    keep = reference.dropout_keep_mask(int(seed), b, hq, t, t, p, device="cpu")
+    got, want = _masked_run(ops, q, k, v, mask, True, p, seed, keep)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA {kind} attention, mask + causal + dropout + GQA: {name}")
+
+
+# Decoding (group x Tq <= 8 rows, Tk >= 256): the SIMT forward's split-KV blocks and their combine, for every dtype
+# (fp16/bf16 decode on SIMT too), with GQA groups, a fully masked row (padding), dropout and causal Tq < Tk.
+DECODE_CASES = [pytest.param(torch.float32, (1, 4, 1, 1, 600, 32), None, 0.0, False, id="fp32-mqa4"),
+                pytest.param(torch.bfloat16, (2, 2, 2, 3, 520, 64), "padding", 0.25, False, id="bf16-padding-dropout"),
+                pytest.param(torch.float16, (1, 8, 1, 1, 300, 128), "additive", 0.0, False, id="fp16-mqa8-additive"),
+                pytest.param(torch.float32, (1, 2, 1, 2, 400, 40), None, 0.0, True, id="fp32-causal-tq2")]
+
+
+@pytest.mark.parametrize("dtype,shape,mask_kind,dropout_p,causal", DECODE_CASES)
+def test_attention_decode_splits(ops, dtype, shape, mask_kind, dropout_p, causal):
+    from test_attention_masks import make_mask
+
+    ops.configure(8, False)
+    b, hq, hk, tq, tk, d = shape
+    q = fresh(b, tq, hq, d, dtype=dtype, seed=51).transpose(1, 2)
+    k, v = (fresh(b, tk, hk, d, dtype=dtype, seed=s).transpose(1, 2) for s in (52, 53))
+    mask = None if mask_kind is None else make_mask(mask_kind, b, hq, tq, tk, "cpu", dtype, seed=54)
+    seed, keep = None, None
+    if dropout_p:
+        seed = torch.tensor(31337, dtype=torch.int64)
+        keep = reference.dropout_keep_mask(int(seed), b, hq, tq, tk, dropout_p, device="cpu")
+    got, want = _masked_run(ops, q, k, v, None if mask is None else mask.expand(b, hq, tq, tk), causal, dropout_p,
+                            seed, keep)
+    for name, a, ref in zip(("out", "dq", "dk", "dv"), got, want):
+        assert_close(a, ref, dtype, f"emulated CUDA decode {shape} {mask_kind}: {name}")
+
+
+def _masked_run(ops, q, k, v, mask, causal, dropout_p=0.0, seed=None, keep=None):
+    """The emulated ops' (out, dq, dk, dv) under attn_mask `mask` (None or a (B, Hq, Tq, Tk) view) and the float64
+    reference's."""
+    scale = q.shape[-1] ** -0.5
+    out, lse = ops.attention_fwd(q, k, v, causal, dropout_p, scale, seed, mask)
+    grad = fresh(*out.shape, dtype=q.dtype, seed=45)
+    dq, dk, dv = ops.attention_bwd(grad, q, k, v, out, lse, causal, dropout_p, scale, seed, mask)
+    q64, k64, v64 = (t.double().requires_grad_() for t in (q, k, v))
+    ref_mask = mask if mask is None or mask.dtype == torch.bool else mask.double()
+    want = reference.attention(q64, k64, v64, causal, dropout_p, scale, ref_mask, dropout_mask=keep)
+    return (out, dq, dk, dv), (want, *torch.autograd.grad(want, (q64, k64, v64), grad.double()))

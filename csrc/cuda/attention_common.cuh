@@ -21,14 +21,50 @@ struct HeadStrides {
 
 inline HeadStrides strides_of(const at::Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2)}; }
 
-// One attention call: shapes, softmax scale, mask, dropout and the stream to launch on.
+// attn_mask as the kernels read it: a (B, Hq, Tq, Tk) view through its strides (0 where broadcast, never expanded
+// in memory), bool (true = take part) or additive of the inputs' type; data is null without a mask.
+struct MaskView {
+  const void* data = nullptr;
+  bool is_bool = false;
+  int64_t sb = 0, sh = 0, sq = 0, sk = 0;
+};
+
+inline MaskView mask_view(const std::optional<at::Tensor>& mask) {
+  if (!mask.has_value()) return {};
+  return {mask->const_data_ptr(), mask->scalar_type() == at::kBool, mask->stride(0), mask->stride(1),
+          mask->stride(2), mask->stride(3)};
+}
+
+// One attention call: shapes (GQA: `group` query heads per key/value head), softmax scale, masks, dropout and the
+// stream to launch on.
 struct AttentionProblem {
-  int64_t batch, heads, tq, tk, d;
+  int64_t batch, heads, group, tq, tk, d;
   float scale;
   bool causal;
+  MaskView mask;
   DropoutArgs drop;
   cudaStream_t stream;
   const char* op;  // for error messages
+};
+
+// Decoding (few query rows per kv head against many keys): the SIMT forward takes a kv head's whole query group in
+// one block and splits the keys over several blocks (flash-decoding), combined by a second kernel.
+constexpr int64_t kDecodeRows = 8;        // group x tq at most this (the smallest SIMT block's rows)
+constexpr int64_t kDecodeMinKeys = 256;   // keys per split at least (and fewer keys: the regular forward)
+constexpr int64_t kDecodeBlocks = 256;    // splits are added until there are about this many blocks
+constexpr int64_t kMaxDecodeSplits = 64;  // and at most this many splits
+
+inline bool decodes(const AttentionProblem& p) {
+  return p.tq > 0 && p.group * p.tq <= kDecodeRows && p.tk >= kDecodeMinKeys;
+}
+
+// Per split s and output row r (B * H * Tq rows): the unnormalised output out[(s * rows + r) * d ...] and the
+// running max and sum at [s * rows + r], fp32.
+struct DecodePartials {
+  float* out = nullptr;
+  float* max = nullptr;
+  float* sum = nullptr;
+  int64_t rows = 0;
 };
 
 // out, lse = attention(q, k, v).
@@ -63,16 +99,40 @@ __device__ __forceinline__ float dropout_factor(const DropoutArgs& drop, uint64_
   return philox_uniform(seed, static_cast<uint64_t>(offset)) >= drop.p ? drop.keep_scale : 0.f;
 }
 
-// One entry of the softmax backward, recomputed from the saved log-sum-exp: P = exp(S*scale - lse) and
-// dS = P * (dP*Z - delta) * scale, Z the dropout factor (0 or 1/(1-p)). p_kept is P where the entry was kept and
-// 0 where it was dropped or masked (dV = (1/(1-p)) * sum p_kept dO); masked entries give 0 for both.
+// Whether attn_mask lets query i of head (b, h) see key j: false where a bool mask removes it. `bias` gets an
+// additive mask's value there (0 otherwise), added to the scaled score; -inf removes the key as well, but the
+// forward adds it rather than skipping (a NaN score stays NaN, as in torch). Warp-uniform when (i, j) is.
+template <typename T>
+__device__ __forceinline__ bool mask_keeps(const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j,
+                                           float& bias) {
+  bias = 0.f;
+  if (mask.data == nullptr) return true;
+  const int64_t at = b * mask.sb + h * mask.sh + i * mask.sq + j * mask.sk;
+  if (mask.is_bool) return static_cast<const bool*>(mask.data)[at];
+  bias = to_float(static_cast<const T*>(mask.data)[at]);
+  return true;
+}
+
+// The backward's view of the same: (visible, bias) for an entry the causal mask and bounds let through; an
+// entry an additive -inf removes is not visible (dS = 0 exactly there, also when delta is NaN).
+template <typename T>
+__device__ __forceinline__ bool mask_visible(const MaskView& mask, int64_t b, int64_t h, int64_t i, int64_t j,
+                                             float& bias) {
+  return mask_keeps<T>(mask, b, h, i, j, bias) && bias != -INFINITY;
+}
+
+// One entry of the softmax backward, recomputed from the saved log-sum-exp: P = exp(S*scale + bias - lse) and
+// dS = P * (dP*Z - delta) * scale, Z the dropout factor (0 or 1/(1-p)), bias an additive mask's value. p_kept is P
+// where the entry was kept and 0 where it was dropped or masked (dV = (1/(1-p)) * sum p_kept dO); masked entries
+// give 0 for both.
 struct ScoreGrad {
   float p_kept, ds;
 };
-__device__ __forceinline__ ScoreGrad score_grad(float s, float dp, float lse, float delta, bool visible, float scale,
-                                                const DropoutArgs& drop, uint64_t seed, int64_t offset) {
+__device__ __forceinline__ ScoreGrad score_grad(float s, float dp, float lse, float delta, bool visible, float bias,
+                                                float scale, const DropoutArgs& drop, uint64_t seed,
+                                                int64_t offset) {
   if (!visible) return {0.f, 0.f};
-  const float p = expf(s * scale - lse);
+  const float p = expf(s * scale + bias - lse);
   const float z = dropout_factor(drop, seed, offset);
   return {z != 0.f ? p : 0.f, p * (dp * z - delta) * scale};
 }

@@ -143,8 +143,8 @@ __device__ __forceinline__ void warp_scores_and_dp(const T* a_s, const T* b_s, c
 template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, T* __restrict__ out,
-    float* __restrict__ lse, HeadStrides sq, HeadStrides sk, HeadStrides sv, int heads, int64_t tq, int64_t tk,
-    int d, float scale, bool causal, DropoutArgs drop) {
+    float* __restrict__ lse, HeadStrides sq, HeadStrides sk, HeadStrides sv, int heads, int group, int64_t tq,
+    int64_t tk, int d, float scale, bool causal, MaskView mask, DropoutArgs drop) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800  // bf16 WMMA needs sm_80; the host launches this only there
   namespace wmma = nvcuda::wmma;
   using C = TcFwdConfig<kD>;
@@ -163,8 +163,8 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
   const int row = lane / 2, side = lane % 2;  // this lane's row of the warp's 16, and its half of keys / columns
   const int64_t i = i0 + warp * 16 + row;
   const T* qh = q + b * sq.b + h * sq.h;
-  const T* kh = k + b * sk.b + h * sk.h;
-  const T* vh = v + b * sv.b + h * sv.h;
+  const T* kh = k + b * sk.b + h / group * sk.h;  // GQA: the group's key/value head
+  const T* vh = v + b * sv.b + h / group * sv.h;
   load_tile<T, kD>(&q_s[0][0], C::kLdT, C::kBq, qh, sq.t, i0, tq, d);  // unscaled: scale is applied to S
   const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
   float m = -INFINITY, l = 0.f, acc[C::kChunks][8];
@@ -190,8 +190,9 @@ __global__ void __launch_bounds__(kThreads) attention_fwd_tc_kernel(
     for (int t = 0; t < C::kHalf; ++t) {
       const int jj = side * C::kHalf + t;
       const int64_t j = j0 + jj;
-      const bool visible = i < tq && j < tk && (!causal || j <= i);
-      s[t] = visible ? s_s[warp][row][jj] * scale : -INFINITY;
+      float bias = 0.f;
+      const bool visible = i < tq && j < tk && (!causal || j <= i) && mask_keeps<T>(mask, b, h, i, j, bias);
+      s[t] = visible ? s_s[warp][row][jj] * scale + bias : -INFINITY;
       tile_max = max_keep_nan(tile_max, s[t]);
     }
     const float m_new = max_keep_nan(m, max_keep_nan(tile_max, __shfl_xor_sync(kFullMask, tile_max, 1)));
@@ -300,21 +301,20 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dk, T* __restrict__ dv,
-    HeadStrides sq, HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d,
-    float scale, bool causal, DropoutArgs drop) {
+    HeadStrides sq, HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int group, int64_t tq, int64_t tk,
+    int d, float scale, bool causal, MaskView mask, DropoutArgs drop) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = TcBwdConfig<kD>;
   auto& sh = dynamic_shared<DkdvShared<T, kD>>();
-  const int64_t bh = blockIdx.x;
-  const int b = static_cast<int>(blockIdx.x) / heads, h = static_cast<int>(blockIdx.x) % heads;  // 32-bit: no call
+  const int64_t bkv = blockIdx.x;  // (batch, key/value head): its group's query heads are swept in order
+  const int kv_heads = heads / group;
+  const int b = static_cast<int>(blockIdx.x) / kv_heads, kvh = static_cast<int>(blockIdx.x) % kv_heads;
   const int64_t j0 = static_cast<int64_t>(blockIdx.y) * C::kOwn;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane / 2, half = lane % 2;  // this lane's scratch row (a key) and half of its columns (rows)
   const int64_t jw = j0 + warp * 16, j = jw + r;
-  const T* qh = q + b * sq.b + h * sq.h;
-  const T* doh = dout + b * sdo.b + h * sdo.h;
-  load_tile<T, kD>(&sh.k[0][0], C::kLdT, C::kOwn, k + b * sk.b + h * sk.h, sk.t, j0, tk, d);
-  load_tile<T, kD>(&sh.v[0][0], C::kLdT, C::kOwn, v + b * sv.b + h * sv.h, sv.t, j0, tk, d);
+  load_tile<T, kD>(&sh.k[0][0], C::kLdT, C::kOwn, k + b * sk.b + kvh * sk.h, sk.t, j0, tk, d);
+  load_tile<T, kD>(&sh.v[0][0], C::kLdT, C::kOwn, v + b * sv.b + kvh * sv.h, sv.t, j0, tk, d);
   const uint64_t seed = drop.p > 0.f ? static_cast<uint64_t>(*drop.seed) : 0;
   nvcuda::wmma::fragment<nvcuda::wmma::accumulator, 16, 16, 16, float> dk_acc[kD / 16], dv_acc[kD / 16];
 #pragma unroll
@@ -323,40 +323,47 @@ __global__ void __launch_bounds__(kThreads) attention_dkdv_tc_kernel(
     nvcuda::wmma::fill_fragment(dv_acc[n], 0.f);
   }
   float* scratch = &sh.scratch[warp][0][0];
-  for (int64_t i0 = causal ? j0 : 0; i0 < tq; i0 += C::kStep) {  // causal: earlier rows see none of these keys
-    __syncthreads();  // the previous step is consumed (and k, v are complete on the first pass)
-    load_tile<T, kD>(&sh.q[0][0], C::kLdT, C::kStep, qh, sq.t, i0, tq, d);
-    load_tile<T, kD>(&sh.dout[0][0], C::kLdT, C::kStep, doh, sdo.t, i0, tq, d);
-    if (threadIdx.x < C::kStep) {
-      const int64_t i = i0 + threadIdx.x;
-      sh.lse[threadIdx.x] = i < tq ? lse[bh * tq + i] : 0.f;
-      sh.delta[threadIdx.x] = i < tq ? delta[bh * tq + i] : 0.f;
-    }
-    __syncthreads();
-    if (causal && i0 + C::kStep - 1 < jw) continue;  // warp-uniform: all of its keys come after all these rows
-    // 1. S^T = K_w Q^T and dP^T = V_w dO^T (keys x rows).
-    float s[8], dp[8];
-    warp_scores_and_dp<T, kD>(&sh.k[warp * 16][0], &sh.q[0][0], &sh.v[warp * 16][0], &sh.dout[0][0], C::kLdT,
-                              scratch, C::kLdS, s, dp);
-    // 2. P^T and dS^T.
+  for (int g_head = 0; g_head < group; ++g_head) {
+    const int h = kvh * group + g_head;
+    const int64_t bh = static_cast<int64_t>(b) * heads + h;
+    const T* qh = q + b * sq.b + h * sq.h;
+    const T* doh = dout + b * sdo.b + h * sdo.h;
+    for (int64_t i0 = causal ? j0 : 0; i0 < tq; i0 += C::kStep) {  // causal: earlier rows see none of these keys
+      __syncthreads();  // the previous step is consumed (and k, v are complete on the first pass)
+      load_tile<T, kD>(&sh.q[0][0], C::kLdT, C::kStep, qh, sq.t, i0, tq, d);
+      load_tile<T, kD>(&sh.dout[0][0], C::kLdT, C::kStep, doh, sdo.t, i0, tq, d);
+      if (threadIdx.x < C::kStep) {
+        const int64_t i = i0 + threadIdx.x;
+        sh.lse[threadIdx.x] = i < tq ? lse[bh * tq + i] : 0.f;
+        sh.delta[threadIdx.x] = i < tq ? delta[bh * tq + i] : 0.f;
+      }
+      __syncthreads();
+      if (causal && i0 + C::kStep - 1 < jw) continue;  // warp-uniform: all of its keys come after all these rows
+      // 1. S^T = K_w Q^T and dP^T = V_w dO^T (keys x rows).
+      float s[8], dp[8];
+      warp_scores_and_dp<T, kD>(&sh.k[warp * 16][0], &sh.q[0][0], &sh.v[warp * 16][0], &sh.dout[0][0], C::kLdT,
+                                scratch, C::kLdS, s, dp);
+      // 2. P^T and dS^T.
 #pragma unroll
-    for (int e = 0; e < 8; ++e) {
-      const int ii = half * 8 + e;
-      const int64_t i = i0 + ii;
-      const bool visible = i < tq && j < tk && (!causal || j <= i);
-      const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[ii], sh.delta[ii], visible, scale, drop, seed,
-                                     (bh * tq + i) * tk + j);
-      sh.p[warp][r][ii] = from_float<T>(g.p_kept);
-      sh.ds[warp][r][ii] = from_float<T>(g.ds);
+      for (int e = 0; e < 8; ++e) {
+        const int ii = half * 8 + e;
+        const int64_t i = i0 + ii;
+        float bias = 0.f;
+        const bool visible = i < tq && j < tk && (!causal || j <= i) && mask_visible<T>(mask, b, h, i, j, bias);
+        const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[ii], sh.delta[ii], visible, bias, scale, drop, seed,
+                                       (bh * tq + i) * tk + j);
+        sh.p[warp][r][ii] = from_float<T>(g.p_kept);
+        sh.ds[warp][r][ii] = from_float<T>(g.ds);
+      }
+      __syncwarp();
+      // 3. dV_w += P^T dO, dK_w += dS^T Q.
+      warp_mma_ab<T, kD>(dv_acc, &sh.p[warp][0][0], C::kLdP, &sh.dout[0][0], C::kLdT);
+      warp_mma_ab<T, kD>(dk_acc, &sh.ds[warp][0][0], C::kLdP, &sh.q[0][0], C::kLdT);
     }
-    __syncwarp();
-    // 3. dV_w += P^T dO, dK_w += dS^T Q.
-    warp_mma_ab<T, kD>(dv_acc, &sh.p[warp][0][0], C::kLdP, &sh.dout[0][0], C::kLdT);
-    warp_mma_ab<T, kD>(dk_acc, &sh.ds[warp][0][0], C::kLdP, &sh.q[0][0], C::kLdT);
   }
   // dV carries the dropout's 1/(1-p) once, in fp32; dK has the softmax scale from dS.
-  warp_store_rows<T, kD>(dv_acc, scratch, C::kLdS, dv + bh * tk * d, jw, tk, d, drop.keep_scale);
-  warp_store_rows<T, kD>(dk_acc, scratch, C::kLdS, dk + bh * tk * d, jw, tk, d, 1.f);
+  warp_store_rows<T, kD>(dv_acc, scratch, C::kLdS, dv + bkv * tk * d, jw, tk, d, drop.keep_scale);
+  warp_store_rows<T, kD>(dk_acc, scratch, C::kLdS, dk + bkv * tk * d, jw, tk, d, 1.f);
 #else
   __trap();  // never launched below sm_80 (use_tensor_cores)
 #endif
@@ -366,8 +373,8 @@ template <typename T, int kD>
 __global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
     const T* __restrict__ q, const T* __restrict__ k, const T* __restrict__ v, const T* __restrict__ dout,
     const float* __restrict__ lse, const float* __restrict__ delta, T* __restrict__ dq, HeadStrides sq,
-    HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int64_t tq, int64_t tk, int d, float scale,
-    bool causal, DropoutArgs drop) {
+    HeadStrides sk, HeadStrides sv, HeadStrides sdo, int heads, int group, int64_t tq, int64_t tk, int d,
+    float scale, bool causal, MaskView mask, DropoutArgs drop) {
 #if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
   using C = TcBwdConfig<kD>;
   auto& sh = dynamic_shared<DqShared<T, kD>>();
@@ -377,8 +384,8 @@ __global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int r = lane / 2, half = lane % 2;  // this lane's scratch row (a query row) and half of its columns (keys)
   const int64_t iw = i0 + warp * 16, i = iw + r;
-  const T* kh = k + b * sk.b + h * sk.h;
-  const T* vh = v + b * sv.b + h * sv.h;
+  const T* kh = k + b * sk.b + h / group * sk.h;
+  const T* vh = v + b * sv.b + h / group * sv.h;
   load_tile<T, kD>(&sh.q[0][0], C::kLdT, C::kOwn, q + b * sq.b + h * sq.h, sq.t, i0, tq, d);
   load_tile<T, kD>(&sh.dout[0][0], C::kLdT, C::kOwn, dout + b * sdo.b + h * sdo.h, sdo.t, i0, tq, d);
   if (threadIdx.x < C::kOwn) {
@@ -407,9 +414,10 @@ __global__ void __launch_bounds__(kThreads) attention_dq_tc_kernel(
     for (int e = 0; e < 8; ++e) {
       const int jj = half * 8 + e;
       const int64_t j = j0 + jj;
-      const bool visible = i < tq && j < tk && (!causal || j <= i);
-      const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[warp * 16 + r], sh.delta[warp * 16 + r], visible, scale,
-                                     drop, seed, (bh * tq + i) * tk + j);
+      float bias = 0.f;
+      const bool visible = i < tq && j < tk && (!causal || j <= i) && mask_visible<T>(mask, b, h, i, j, bias);
+      const ScoreGrad g = score_grad(s[e], dp[e], sh.lse[warp * 16 + r], sh.delta[warp * 16 + r], visible, bias,
+                                     scale, drop, seed, (bh * tq + i) * tk + j);
       sh.ds[warp][r][jj] = from_float<T>(g.ds);
     }
     __syncwarp();
@@ -464,8 +472,8 @@ void attention_fwd_tc_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
       check_grid(p.batch * p.heads, tiles, p.op);
       launch_kernel(attention_fwd_tc_kernel<T, kD>, dim3(p.batch * p.heads, tiles), kThreads, 0, p.stream,
                     qa.const_data_ptr<T>(), ka.const_data_ptr<T>(), va.const_data_ptr<T>(), out.mutable_data_ptr<T>(),
-                    lse.mutable_data_ptr<float>(), strides_of(qa), strides_of(ka), strides_of(va), p.heads, p.tq,
-                    p.tk, p.d, p.scale, p.causal, p.drop);
+                    lse.mutable_data_ptr<float>(), strides_of(qa), strides_of(ka), strides_of(va), p.heads, p.group,
+                    p.tq, p.tk, p.d, p.scale, p.causal, p.mask, p.drop);
     });
   });
 }
@@ -479,18 +487,19 @@ void attention_bwd_tc_cuda(const at::Tensor& q, const at::Tensor& k, const at::T
     dispatch_tc_head_dim(p.d, [&](auto kd) {
       constexpr int kD = decltype(kd)::value;
       constexpr int64_t own = TcBwdConfig<kD>::kOwn;
-      const unsigned bh = static_cast<unsigned>(p.batch * p.heads);
-      launch_kernel(attention_dkdv_tc_kernel<T, kD>, dim3(bh, (p.tk + own - 1) / own), kThreads,
+      const unsigned bh = static_cast<unsigned>(p.batch * p.heads), bkv = static_cast<unsigned>(bh / p.group);
+      launch_kernel(attention_dkdv_tc_kernel<T, kD>, dim3(bkv, (p.tk + own - 1) / own), kThreads,
                     sizeof(DkdvShared<T, kD>), p.stream, qa.const_data_ptr<T>(), ka.const_data_ptr<T>(),
                     va.const_data_ptr<T>(), da.const_data_ptr<T>(), lse.const_data_ptr<float>(),
                     delta.const_data_ptr<float>(), dk.mutable_data_ptr<T>(), dv.mutable_data_ptr<T>(), strides_of(qa),
-                    strides_of(ka), strides_of(va), strides_of(da), p.heads, p.tq, p.tk, p.d, p.scale, p.causal,
-                    p.drop);
+                    strides_of(ka), strides_of(va), strides_of(da), p.heads, p.group, p.tq, p.tk, p.d, p.scale,
+                    p.causal, p.mask, p.drop);
       launch_kernel(attention_dq_tc_kernel<T, kD>, dim3(bh, (p.tq + own - 1) / own), kThreads,
                     sizeof(DqShared<T, kD>), p.stream, qa.const_data_ptr<T>(), ka.const_data_ptr<T>(),
                     va.const_data_ptr<T>(), da.const_data_ptr<T>(), lse.const_data_ptr<float>(),
                     delta.const_data_ptr<float>(), dq.mutable_data_ptr<T>(), strides_of(qa), strides_of(ka),
-                    strides_of(va), strides_of(da), p.heads, p.tq, p.tk, p.d, p.scale, p.causal, p.drop);
+                    strides_of(va), strides_of(da), p.heads, p.group, p.tq, p.tk, p.d, p.scale, p.causal, p.mask,
+                    p.drop);
     });
   });
 }
