@@ -4,7 +4,8 @@ The GPT is nanoGPT's: pre-LN blocks, learned positions, weight tying, GPT-2 init
 ops go through the `kernels` seam: attention via `kernels.causal_attention` (or `kernels.scaled_dot_product_attention`
 when decoding one token against a KV cache) and LayerNorm via `kernels.LayerNorm`, on the backend named by
 `ModelConfig.kernels`. Where that backend has a fused add_norm kernel, each residual add (with its dropout) and the
-norm after it run as one `kernels.add_norm` (GPT._trunk_add_norm): same parameters, same arithmetic.
+norm after it run as one `kernels.add_norm` (GPT._trunk_add_norm): same parameters, same arithmetic. Its linear
+layers call `kernels.linear` where the backend has a fused one (ext on CPU: the GEMV that decoding's single rows need).
 ARCH: besides chargpt/kernel_choice.py (the run-level backend choice), this is the only chargpt file that touches
 `kernels`.
 """
@@ -75,8 +76,8 @@ class CausalSelfAttention(nn.Module):
             raise ValueError(f"n_embd {config.n_embd} must be a multiple of n_head {config.n_head}")
         self.n_head, self.n_embd, self.dropout = config.n_head, config.n_embd, config.dropout
         self.backend = config.kernels
-        self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
+        self.c_attn = Linear(config.n_embd, 3 * config.n_embd, config.bias, config.kernels)
+        self.c_proj = Linear(config.n_embd, config.n_embd, config.bias, config.kernels)
         self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, cache=None, resid_dropout=True):
@@ -107,8 +108,8 @@ class MLP(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_fc = Linear(config.n_embd, 4 * config.n_embd, config.bias, config.kernels)
+        self.c_proj = Linear(4 * config.n_embd, config.n_embd, config.bias, config.kernels)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x, resid_dropout=True):
@@ -127,6 +128,21 @@ class LayerNorm(kernels.LayerNorm):
         return super().forward(input.to(self.weight.dtype))
 
 
+class Linear(nn.Linear):
+    """nn.Linear that calls kernels.linear where the model's backend has a fused linear kernel for its input (ext on
+    CPU: a multi-threaded GEMV for the single rows of decoding, which torch runs on one thread), else torch's own.
+    Same parameters and state_dict keys."""
+
+    def __init__(self, in_features, out_features, bias, backend):
+        super().__init__(in_features, out_features, bias=bias)
+        self.backend = backend
+
+    def forward(self, x):
+        if has_fused_kernel("linear", self.backend, x.device.type, x.dtype):
+            return kernels.linear(x, self.weight, self.bias, backend=self.backend)
+        return super().forward(x)
+
+
 def layer_norm(config):
     if not config.layernorm:
         return nn.Identity()
@@ -140,20 +156,20 @@ def fuses_residual_norms(config):
 
 
 @torch.compiler.assume_constant_result  # decided once while torch.compile traces, like the seam's own choice
-def has_fused_add_norm(backend, device_type, dtype):
-    """Whether `backend` runs add_norm on `dtype` tensors of `device_type` with a fused kernel. Only then does the
-    model take the add_norm path: eager's add_norm is the same composed ops as the plain path, and a backend named
-    explicitly that has no add_norm kernel (yet) still runs its attention and layer_norm kernels."""
-    key = backend, device_type, dtype
-    if key not in _fused_add_norm:  # asking the seam costs ~10-30 us, a raise included: once per kind of tensor
+def has_fused_kernel(op, backend, device_type, dtype):
+    """Whether `backend` runs `op` (add_norm, linear) on `dtype` tensors of `device_type` with a fused kernel. Only
+    then does the model call it: elsewhere it takes its plain path (the residual add and layer_norm; nn.Linear), the
+    same arithmetic, and a backend named explicitly that has no such kernel still runs its other kernels."""
+    key = op, backend, device_type, dtype
+    if key not in _fused_kernels:  # asking the seam costs ~10-30 us, a raise included: once per kind of tensor
         try:
-            _fused_add_norm[key] = backends.backend_for(backend, "add_norm", device_type, dtype) != "eager"
-        except TypeError:  # the backend runs here but has no add_norm kernel for these tensors
-            _fused_add_norm[key] = False
-    return _fused_add_norm[key]
+            _fused_kernels[key] = backends.backend_for(backend, op, device_type, dtype) != "eager"
+        except TypeError:  # the backend runs here but has no kernel for this op and these tensors
+            _fused_kernels[key] = False
+    return _fused_kernels[key]
 
 
-_fused_add_norm = {}  # (backend, device type, dtype) -> has_fused_add_norm's answer
+_fused_kernels = {}  # (op, backend, device type, dtype) -> has_fused_kernel's answer
 
 
 def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
@@ -162,7 +178,8 @@ def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
     its first step that its backend takes them. Attention gets q, k, v from a Linear, so autocast's dtype;
     LayerNorm normalizes in its parameters' dtype (see LayerNorm), and add_norm adds in the residual stream's
     (the embeddings', the parameters' dtype). add_norm is used only where a fused kernel takes it (see
-    has_fused_add_norm; kernel_choice.OPTIONAL_OPS). The bigram model uses no kernels op."""
+    has_fused_kernel; kernel_choice.OPTIONAL_OPS). Linear layers are left out: they call kernels.linear only where
+    its GEMV runs (decoding's few rows), and torch's GEMM otherwise. The bigram model uses no kernels op."""
     if config.arch != "gpt":
         return {}
     dtypes = {"attention": compute_dtype}
@@ -231,7 +248,7 @@ class GPT(nn.Module):
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = layer_norm(config)
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        self.lm_head = Linear(config.n_embd, config.vocab_size, False, config.kernels)
         self.lm_head.weight = self.wte.weight  # weight tying: one matrix embeds and un-embeds characters
         # The trunk takes the add_norm path (None) where the backend has a fused add_norm kernel for the residual
         # stream's tensors; True or False forces the add_norm path or the plain one (tests compare the two).
@@ -292,7 +309,7 @@ class GPT(nn.Module):
             return False
         if self.use_add_norm is not None:
             return self.use_add_norm
-        return has_fused_add_norm(self.config.kernels, x.device.type, x.dtype)
+        return has_fused_kernel("add_norm", self.config.kernels, x.device.type, x.dtype)
 
     def _trunk_add_norm(self, x, cache=None):
         """_trunk's blocks on a fused backend: each residual add, its dropout and the next norm in one add_norm.

@@ -199,4 +199,19 @@ inline void check_attention_bwd_args(const at::Tensor& grad_out, const at::Tenso
               ": lse must be float32 on q's device, got ", lse.scalar_type(), " on ", lse.device());
 }
 
+// linear: x (M, K) and weight (N, K), bias (N,) or None, all of one dtype and device.
+inline void check_linear_args(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const char* op = "chargpt::linear_fwd";
+  TORCH_CHECK(x.dim() == 2 && weight.dim() == 2, op, ": x (M, K) and weight (N, K) must be 2-D, got x ", x.sizes(),
+              " and weight ", weight.sizes());
+  TORCH_CHECK(x.size(1) == weight.size(1), op, ": x has ", x.size(1), " columns but weight ", weight.size(1),
+              " (weight is (out_features, in_features))");
+  check_same(weight, x, op, "weight");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (",
+                weight.size(0), ",), got ", bias->sizes());
+    check_same(*bias, x, op, "bias");
+  }
+}
+
 }  // namespace chargpt

@@ -43,6 +43,9 @@ TORCH_LIBRARY(chargpt, m) {
   // dq (B, Hq, Tq, D), dk and dv (B, Hk, Tk, D): a kv head's gradient is summed over its query group in the kernel.
   m.def("attention_bwd(Tensor grad_out, Tensor q, Tensor k, Tensor v, Tensor out, Tensor lse, bool is_causal,"
         " float dropout_p, float scale, Tensor? seed, Tensor? attn_mask=None) -> (Tensor, Tensor, Tensor)");
+  // y (M, N) = x (M, K) weight^T + bias for weight (N, K) and bias (N,) or None: the GEMV of decoding (few rows).
+  // Its backward is two GEMMs and a sum (torch's own ops), so it needs no op of its own.
+  m.def("linear_fwd(Tensor x, Tensor weight, Tensor? bias) -> Tensor");
 }
 
 namespace chargpt {
@@ -130,6 +133,13 @@ Tensors3 call_attention_bwd(const Tensor& g, const Tensor& q, const Tensor& k, c
           .typed<Tensors3(const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&, const Tensor&,
                           bool, double, double, const optional<Tensor>&, const optional<Tensor>&)>();
   return op.call(g, q, k, v, out, lse, causal, p, scale, seed, mask);
+}
+
+Tensor call_linear_fwd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("chargpt::linear_fwd", "")
+                             .typed<Tensor(const Tensor&, const Tensor&, const optional<Tensor>&)>();
+  return op.call(x, weight, bias);
 }
 
 // Saved optionals go through save_for_backward as undefined tensors.
@@ -311,6 +321,27 @@ struct AttentionFunction : torch::autograd::Function<AttentionFunction> {
   }
 };
 
+// The backward is made of differentiable torch ops, so higher derivatives work as for torch's linear.
+struct LinearFunction : torch::autograd::Function<LinearFunction> {
+  static tensor_list forward(AutogradContext* ctx, const Tensor& x, const Tensor& weight,
+                             const optional<Tensor>& bias) {
+    at::AutoDispatchBelowADInplaceOrView guard;
+    Tensor y = call_linear_fwd(x, weight, bias);
+    ctx->save_for_backward({x, weight});
+    ctx->saved_data["has_bias"] = bias.has_value();
+    ctx->set_materialize_grads(false);
+    return {y};
+  }
+
+  static tensor_list backward(AutogradContext* ctx, tensor_list grads) {
+    const auto s = ctx->get_saved_variables();
+    const Tensor& g = grads[0];
+    if (!g.defined()) return {Tensor(), Tensor(), Tensor()};
+    return {ctx->needs_input_grad(0) ? g.mm(s[1]) : Tensor(), ctx->needs_input_grad(1) ? g.t().mm(s[0]) : Tensor(),
+            ctx->saved_data["has_bias"].toBool() && ctx->needs_input_grad(2) ? g.sum(0) : Tensor()};
+  }
+};
+
 Tensors3 layer_norm_fwd_autograd(const Tensor& x, const optional<Tensor>& weight, const optional<Tensor>& bias,
                                  double eps) {
   auto out = LayerNormFunction::apply(x, weight, bias, eps);
@@ -336,6 +367,10 @@ std::tuple<Tensor, Tensor> attention_fwd_autograd(const Tensor& q, const Tensor&
   return {out[0], out[1]};
 }
 
+Tensor linear_fwd_autograd(const Tensor& x, const Tensor& weight, const optional<Tensor>& bias) {
+  return LinearFunction::apply(x, weight, bias)[0];
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(chargpt, Autograd, m) {
@@ -343,6 +378,7 @@ TORCH_LIBRARY_IMPL(chargpt, Autograd, m) {
   m.impl("rms_norm_fwd", &rms_norm_fwd_autograd);
   m.impl("add_norm_fwd", &add_norm_fwd_autograd);
   m.impl("attention_fwd", &attention_fwd_autograd);
+  m.impl("linear_fwd", &linear_fwd_autograd);
 }
 
 }  // namespace chargpt

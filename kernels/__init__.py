@@ -5,18 +5,19 @@
     o = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)  # F.sdpa-compatible
     y = kernels.rms_norm(x, (C,), weight)                      # F.rms_norm-compatible
     y, h = kernels.add_norm(x, residual, (C,), weight, bias)   # h = residual + dropout(x), y = norm(h)
+    y = kernels.linear(x, weight, bias)                        # F.linear-compatible (a CPU GEMV for decoding)
     kernels.patch_model(model)                                 # nn.LayerNorm / nn.RMSNorm -> the kernels drop-ins
 
 Backends: eager (kernels.reference, the ground truth), triton (kernels/triton_*.py), ext (csrc/, a C++/CUDA
 extension). `auto` (the default) picks triton for CUDA tensors and ext for CPU tensors.
 """
 
-from kernels.api import add_norm, causal_attention, layer_norm, rms_norm, scaled_dot_product_attention
+from kernels.api import add_norm, causal_attention, layer_norm, linear, rms_norm, scaled_dot_product_attention
 from kernels.backends import available_backends, current_backend, use_backend
 from kernels.nn import LayerNorm, RMSNorm, patch_model
 from kernels.runtime import BackendUnavailable
 
 __all__ = [
     "BackendUnavailable", "LayerNorm", "RMSNorm", "add_norm", "available_backends", "causal_attention",
-    "current_backend", "layer_norm", "patch_model", "rms_norm", "scaled_dot_product_attention", "use_backend",
+    "current_backend", "layer_norm", "linear", "patch_model", "rms_norm", "scaled_dot_product_attention", "use_backend",
 ]

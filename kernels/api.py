@@ -361,3 +361,31 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Union[in
     y, h = _norm_fn(backend, "add_norm", x)(x.reshape(rows, n), residual.reshape(rows, n), _flat(weight, n),
                                             _flat(bias, n), eps, norm, float(dropout_p))
     return y.view(x.shape), h.view(x.shape)
+
+
+def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None,
+           backend: Optional[str] = None) -> torch.Tensor:
+    """Drop-in for torch.nn.functional.linear: input @ weight^T + bias.
+
+    Arguments:
+        input: (..., K) float tensor, any strides; weight: (N, K); bias: (N,) or None; one dtype and device.
+        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+
+    Returns:
+        (..., N), input's dtype. The fused kernel is ext's CPU GEMV for the few rows of decoding (float32, up to
+        ext_linear.GEMV_MAX_ROWS rows after folding the leading dims); more rows take torch's GEMM there.
+
+    Raises:
+        TypeError / ValueError naming the problem; kernels.BackendUnavailable when the backend cannot run here;
+        TypeError when the backend named has no linear kernel for these tensors (triton has none).
+    """
+    _check_float_tensors("linear", input=input, weight=weight, **({} if bias is None else {"bias": bias}))
+    if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
+        raise ValueError(f"linear: input {tuple(input.shape)} and weight {tuple(weight.shape)} do not fit: weight "
+                         f"must be 2-D (out_features, in_features) and input end in in_features")
+    if bias is not None and tuple(bias.shape) != (weight.shape[0],):
+        raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
+    if input.numel() == 0 or weight.numel() == 0:  # empty in, empty (or bias-only) out, as torch
+        return reference.linear(input, weight, bias)
+    fn = backends.implementation(backend, "linear", input)
+    return fn(input.reshape(-1, weight.shape[1]), weight, bias).view(*input.shape[:-1], weight.shape[0])

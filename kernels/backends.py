@@ -6,6 +6,7 @@ A backend maps op names to modules. Every module named for an op exposes a funct
     layer_norm(x, weight, bias, eps) -> y            x: (M, N); weight, bias: (N,) or None
     rms_norm(x, weight, eps) -> y                    x: (M, N); weight: (N,) or None
     add_norm(x, residual, weight, bias, eps, norm, dropout_p) -> (y, h)   x, residual: (M, N); norm: layer | rms
+    linear(x, weight, bias) -> y                     x: (M, K); weight: (N, K); bias: (N,) or None
     attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None)
                                         q: (B, Hq, Tq, D); k, v: (B, Hk, Tk, D), Hk == Hq unless the module fuses
                                         "gqa" (Hq a multiple of Hk); attn_mask: None unless it fuses "mask", else a
@@ -17,7 +18,8 @@ Inputs reaching a backend have already been validated by `kernels.api`; each bac
 Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
 from `reference.new_dropout_seed(device)`, as that call's first random draw, so a test can predict the mask.
 
-Adding an op: one line in `OPS` below, and a function of that name in each backend's module of its family.
+Adding an op: one line in `OPS` below, and a function of that name in the backend modules of its family (a backend
+without that module has no kernel for the op: `auto` passes it by, and naming it raises).
 Adding a backend: one `Backend` entry below, with the check that says whether it can run here.
 """
 
@@ -62,7 +64,8 @@ BACKENDS = {
 }
 CHOICES = (*BACKENDS, "auto")
 # op name -> its family: the ops that share one module per backend (their kernels share loads, helpers, tests).
-OPS = {"layer_norm": "layer_norm", "rms_norm": "layer_norm", "add_norm": "layer_norm", "attention": "attention"}
+OPS = {"layer_norm": "layer_norm", "rms_norm": "layer_norm", "add_norm": "layer_norm", "attention": "attention",
+       "linear": "linear"}
 
 _current = contextvars.ContextVar("kernels_backend", default="auto")
 
@@ -105,11 +108,17 @@ class _LazyModule:
     of this (never replaced) object once `backend_for` has run outside the trace."""
 
     def __init__(self, path):
-        self.path, self.module = path, None
+        self.path, self.module, self.missing = path, None, False
 
     def load(self):
-        if self.module is None:
-            self.module = importlib.import_module(self.path)
+        """The module, or None where the backend has no module for this family (no kernels for its ops)."""
+        if self.module is None and not self.missing:
+            try:
+                self.module = importlib.import_module(self.path)
+            except ModuleNotFoundError as e:
+                if e.name != self.path:
+                    raise
+                self.missing = True
         return self.module
 
 
@@ -127,7 +136,7 @@ def _missing(name, op, device_type, dtype, needs):
     if name == "eager":
         return None
     module = _IMPLS[name, op].load()
-    if not hasattr(module, op):
+    if module is None or not hasattr(module, op):
         return f"has no {op} kernel"
     if dtype not in module.SUPPORTED_DTYPES.get(device_type, ()):
         return f"does not support {dtype} tensors on {device_type}"

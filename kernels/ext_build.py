@@ -66,7 +66,7 @@ CXX_FLAGS = ["-O3", f"-march={target_march()}", "-ffp-contract=off", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "-lineinfo"]
 HEADER_SUFFIXES = (".h", ".cuh")
 OPS = ("layer_norm_fwd", "layer_norm_bwd", "rms_norm_fwd", "rms_norm_bwd", "add_norm_fwd", "add_norm_bwd",
-       "attention_fwd", "attention_bwd")
+       "attention_fwd", "attention_bwd", "linear_fwd")
 
 _lock = threading.Lock()
 _state = {"done": False, "reason": None}

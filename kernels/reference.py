@@ -65,6 +65,12 @@ def add_norm(x, residual, weight=None, bias=None, eps=1e-5, norm="layer", dropou
     return y, h
 
 
+def linear(x, weight, bias=None):
+    """x @ weight^T + bias, like F.linear: x (..., K), weight (N, K), bias (N,) or None."""
+    y = x @ weight.transpose(0, 1)
+    return y if bias is None else y + bias
+
+
 def attention(q, k, v, is_causal=False, dropout_p=0.0, scale=None, attn_mask=None, dropout_mask=None):
     """softmax(q @ k^T * scale + mask) @ v over (..., H, T, D) tensors, the way F.scaled_dot_product_attention
     defines it.

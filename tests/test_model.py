@@ -10,7 +10,7 @@ import torch
 import kernels
 from chargpt import ChargptError
 from chargpt.kernel_choice import choose_kernels
-from chargpt.model import GPT, ModelConfig, build_model, has_fused_add_norm, kernel_dtypes
+from chargpt.model import GPT, ModelConfig, build_model, has_fused_kernel, kernel_dtypes
 from chargpt.presets import PRESETS, get_preset
 from kernels import backends
 
@@ -219,7 +219,7 @@ def test_add_norm_is_optional_in_the_choice(requested):
         require_ext()
     choice = choose_kernels(requested, "cpu", {**F32, "add_norm": torch.float32})
     assert set(choice.by_op) - {"add_norm"} == {"attention", "layer_norm"}
-    assert ("add_norm" in choice.by_op) == has_fused_add_norm(requested, "cpu", torch.float32)
+    assert ("add_norm" in choice.by_op) == has_fused_kernel("add_norm", requested, "cpu", torch.float32)
     if requested == "eager":
         assert "add_norm" not in choice.by_op
 
@@ -254,4 +254,7 @@ def test_kernel_dtypes_are_what_the_ops_get(monkeypatch, dtype, switches, use_ad
     expected = kernel_dtypes(config, dtype)
     if "add_norm" in expected and not use_add_norm and "add_norm" not in choose_kernels("auto", "cpu", expected).by_op:
         del expected["add_norm"]
+    # linear is no run-level choice (kernel_dtypes leaves it out): it reaches the seam only where a fused kernel
+    # takes its tensors, and never refuses a run.
+    assert seen.pop("linear", set()) <= {torch.float32}
     assert seen == {op: {dtype} for op, dtype in expected.items()}

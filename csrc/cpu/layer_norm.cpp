@@ -17,7 +17,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <atomic>
 #include <cmath>
 #include <initializer_list>
 #include <type_traits>
@@ -58,22 +57,6 @@ inline void prefetch_line(const float* p, int64_t j) {
 inline void put(float* p, vfloat v, bool stream) {
   if (stream) vec::store_stream(p, v);
   else vec::store(p, v);
-}
-
-// body(begin, end) over [0, n) in parallel when n > grain iterations, else on the calling thread (small jobs open
-// no parallel region). Blocks of iterations are handed out through an atomic counter rather than split statically as
-// at::parallel_for does: on a busy machine a thread whose core is shared then takes fewer blocks instead of holding up
-// the others (measured on the 2-core machine under load). Which thread runs a block never changes a result.
-template <typename F>
-void parallel_blocks(int64_t n, int64_t grain, const F& body) {
-  const int threads = at::get_num_threads();
-  if (n <= grain || threads == 1 || at::in_parallel_region()) return body(int64_t{0}, n);
-  const int64_t block = std::max<int64_t>(grain, (n + 8 * threads - 1) / (8 * threads));  // ~8 blocks a thread
-  const int64_t blocks = (n + block - 1) / block;
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, blocks, 1, [&](int64_t, int64_t) {  // each thread drains the counter, whatever its share
-    for (int64_t b = next++; b < blocks; b = next++) body(b * block, std::min(n, (b + 1) * block));
-  });
 }
 
 // Calls f(std::bool_constant<b>...) for the run-time flags b...: one template instance per combination.
