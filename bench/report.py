@@ -23,6 +23,9 @@ def load_rows(path):
     return rows, machine
 
 
+UNITS = {"tflops": "TFLOP/s", "gbps": "GB/s", "tokens_per_sec": "tokens/s"}  # extra_info key -> column header
+
+
 def markdown(rows, machine, device):
     cpu = machine.get("cpu", {}).get("brand_raw", "?")
     torch_version = rows[0].get("torch", "?")
@@ -32,13 +35,13 @@ def markdown(rows, machine, device):
     for row in rows:
         by_table[(row["op"], row["mode"])].append(row)
     for (op, mode), table in sorted(by_table.items()):
-        throughput = {"attention": "TFLOP/s", "layer_norm": "GB/s"}.get(op, "tokens/s")
+        unit = next((key for key in UNITS if key in table[0]), None)  # what the case's work was counted in
         baseline = table[0].get("baseline", "torch")
         lines += [f"### {op} {mode}", "",
-                  f"| shape | dtype | backend | median ms | {throughput} | speed-up vs {baseline} |",
+                  f"| shape | dtype | backend | median ms | {UNITS.get(unit, '')} | speed-up vs {baseline} |",
                   "|---|---|---|---:|---:|---:|"]
         for row in table:
-            value = row.get("tflops", row.get("gbps", row.get("tokens_per_sec", "")))
+            value = row.get(unit, "")
             ratio = "1.00 (baseline)" if row["backend"] == baseline else (
                 f"{row['speedup']:.2f}x" if "speedup" in row else "")
             lines.append(f"| {row['shape']} | {row['dtype']} | {row['backend']} | {row['median_ms']:.3f} | "

@@ -155,6 +155,19 @@ def test_decode_splits(backend, device, dtype, case, dropout_p):
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("d", [40, 59, 80])
+@pytest.mark.parametrize("hq,hk,tq", [(2, 2, 1), (4, 2, 1), (3, 1, 1), (8, 2, 1), (2, 1, 2)],
+                         ids=["1-row", "2-rows", "3-rows", "4-rows", "2x2-rows"])
+def test_decode_odd_head_dims(backend, d, hq, hk, tq):
+    """Decoding tasks of 1 to 4 query rows (the ext CPU kernel's hand-written products) at head dims that leave a
+    vector tail, with a padding mask, against float64."""
+    require_attention_features(backend, "cpu", torch.float32, ("mask", "gqa"))
+    q, k, v = attention_inputs(2, hq, tq, 300, d, "cpu", torch.float32, seed=d + hq, h_kv=hk)
+    mask = make_mask("padding", 2, hq, tq, 300, "cpu", torch.float32, seed=d)
+    check(backend, q, k, v, torch.float32, f"{backend} decode D={d} Hq={hq} Hk={hk} Tq={tq}", attn_mask=mask)
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
 @pytest.mark.parametrize("value", ["nan", "inf"])
 def test_decode_non_finite_key_spoils_only_its_group(backend, value):
     """A NaN (or inf) in one key, inside one of several splits: NaN exactly where float64 has it (every head of
