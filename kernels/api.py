@@ -106,9 +106,15 @@ def _needs(mask, q, k):
     return (("mask",) if mask is not None else ()) + (("gqa",) if q.shape[1] != k.shape[1] else ())
 
 
+def _window_mask(tq, tk, window, device):
+    """(Tq, Tk) bool: True where key j lies among the `window` most recent positions of query i (j > i - window)."""
+    return torch.ones(tq, tk, dtype=torch.bool, device=device).triu(1 - window)
+
+
 def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0,
                      scale: Optional[float] = None, backend: Optional[str] = None,
-                     attn_mask: Optional[torch.Tensor] = None, enable_gqa: bool = False) -> torch.Tensor:
+                     attn_mask: Optional[torch.Tensor] = None, enable_gqa: bool = False,
+                     window: Optional[int] = None) -> torch.Tensor:
     """Causal softmax(q k^T * scale + mask) v on a fused backend; raises on anything the kernels do not take.
 
     Arguments:
@@ -121,6 +127,10 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
             (B, Hq, Tq, Tk) (e.g. (B, 1, 1, Tk) key padding), combined with the causal mask. Read through its
             strides: broadcast dims are never expanded in memory.
         enable_gqa: allow Hk < Hq (Hq a multiple of Hk): query head h uses key/value head h // (Hq / Hk).
+        window: sliding-window attention: query i sees only keys i - window < j <= i (itself and the window - 1
+            before it), as Mistral's and FlashAttention's window_size=(window - 1, 0). Run as a (Tq, Tk) bool mask
+            (combined with attn_mask), so it needs a backend that fuses masks; ext on CPU skips the key tiles
+            wholly outside the window. None: no window.
 
     Returns:
         (B, Hq, Tq, D) tensor of q's dtype. Query i sees keys j <= i: the causal mask is aligned to the top-left
@@ -138,12 +148,20 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         kernels.BackendUnavailable when the backend asked for cannot run here.
     """
     _check_float_tensors("causal_attention", q=q, k=k, v=v)
+    if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
+        raise ValueError(f"causal_attention: window must be a positive int or None, got {window!r}")
     refusal = _attention_refusal(q, k, v, dropout_p, scale, enable_gqa)
     if refusal is None and attn_mask is not None:
         refusal = _mask_refusal(attn_mask, q, k)
     if refusal is not None:
         raise ValueError(f"causal_attention: {refusal[1]}")
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if window is not None:
+        band = _window_mask(q.shape[2], k.shape[2], window, q.device)
+        if attn_mask is None or attn_mask.dtype == torch.bool:
+            attn_mask = band if attn_mask is None else attn_mask & band
+        else:
+            attn_mask = attn_mask.masked_fill(~band, float("-inf"))
     mask = None if attn_mask is None else attn_mask.expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
     if _is_empty(q, k, v):  # empty in, empty out (keys: none, so every weight row is empty and the output 0)
         return reference.attention(q, k, v, True, float(dropout_p), scale, mask)

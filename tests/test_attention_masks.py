@@ -223,3 +223,52 @@ def test_mask_that_requires_grad_falls_back(backend, monkeypatch):
     with pytest.raises(ValueError, match="must not require grad"):
         kernels.causal_attention(q, k, v, attn_mask=bias, backend=backend)
 
+
+
+# (B, Hq, Hk, Tq, Tk, D): square, GQA with Tq < Tk (decoding a chunk), and Tq > Tk, where rows past Tk + window - 1
+# see no key at all (0, as fully masked rows give).
+WINDOW_SHAPES = [(2, 2, 2, 113, 113, 40), (1, 4, 2, 7, 150, 59), (1, 2, 1, 40, 9, 80)]
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("window", [1, 5, 70, 1000])
+@pytest.mark.parametrize("shape", WINDOW_SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_sliding_window(backend, window, shape):
+    """causal_attention(window=w): query i sees keys i - w < j <= i, outputs and gradients against float64 with that
+    band written out as a mask."""
+    b, hq, hk, tq, tk, d = shape
+    require_attention_features(backend, "cpu", torch.float32, ("mask",) + (("gqa",) if hq != hk else ()))
+    q, k, v = attention_inputs(b, hq, tq, tk, d, "cpu", torch.float32, seed=window + tq, h_kv=hk)
+    i, j = torch.arange(tq)[:, None], torch.arange(tk)[None, :]
+    band = (j <= i) & (j > i - window)
+
+    def fused(q, k, v):
+        return kernels.causal_attention(q, k, v, backend=backend, enable_gqa=hq != hk, window=window)
+
+    check_against_reference(fused, lambda q, k, v: reference.attention(q, k, v, False, 0.0, None, band),
+                            (q, k, v), torch.float32, f"{backend} window {window} {shape}")
+
+
+@pytest.mark.parametrize("backend", FUSED_BACKENDS)
+@pytest.mark.parametrize("kind", ["padding", "additive"])
+def test_sliding_window_with_a_mask(backend, kind):
+    """The window narrows a model's own mask (bool: both must keep a key; additive: -inf outside the window)."""
+    require_attention_features(backend, "cpu", torch.float32, ("mask",))
+    q, k, v = attention_inputs(2, 3, 70, 70, 40, "cpu", torch.float32, seed=11)
+    mask = make_mask(kind, 2, 3, 70, 70, "cpu", torch.float32, seed=12)
+    i, j = torch.arange(70)[:, None], torch.arange(70)[None, :]
+    band = (j > i - 9)
+    ref_mask = mask & band if kind == "padding" else mask.double().masked_fill(~band, float("-inf"))
+
+    def fused(q, k, v):
+        return kernels.causal_attention(q, k, v, backend=backend, attn_mask=mask, window=9)
+
+    check_against_reference(fused, lambda q, k, v: reference.attention(q, k, v, True, 0.0, None, ref_mask),
+                            (q, k, v), torch.float32, f"{backend} window 9 + {kind}")
+
+
+@pytest.mark.parametrize("window", [0, -3, 2.5, True])
+def test_sliding_window_must_be_a_positive_int(window):
+    q, k, v = attention_inputs(1, 1, 4, 4, 8, "cpu", torch.float32, seed=0)
+    with pytest.raises(ValueError, match="window must be a positive int"):
+        kernels.causal_attention(q, k, v, backend="eager", window=window)
