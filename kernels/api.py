@@ -397,13 +397,24 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
         TypeError / ValueError naming the problem; kernels.BackendUnavailable when the backend cannot run here;
         TypeError when the backend named has no linear kernel for these tensors (triton has none).
     """
+    # The common case checked with few Python operations: decoding calls this for every weight of every step.
+    if (_float_tensors_ok(input, weight, bias) and weight.dim() == 2 and input.dim() >= 1
+            and input.shape[-1] == weight.shape[1] and (bias is None or bias.shape == weight.shape[:1])
+            and input.numel() > 0 and weight.numel() > 0):
+        fn = backends.implementation(backend, "linear", input)
+        if input.dim() == 2:
+            return fn(input, weight, bias)
+        return fn(input.reshape(-1, weight.shape[1]), weight, bias).view(*input.shape[:-1], weight.shape[0])
+    return _linear_checked(input, weight, bias, backend)
+
+
+def _linear_checked(input, weight, bias, backend):
+    """linear for anything off the common path: every check, with a message that says what is wrong."""
     _check_float_tensors("linear", input=input, weight=weight, **({} if bias is None else {"bias": bias}))
     if weight.dim() != 2 or input.dim() < 1 or input.shape[-1] != weight.shape[1]:
         raise ValueError(f"linear: input {tuple(input.shape)} and weight {tuple(weight.shape)} do not fit: weight "
                          f"must be 2-D (out_features, in_features) and input end in in_features")
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"linear: bias must have shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if input.numel() == 0 or weight.numel() == 0:  # empty in, empty (or bias-only) out, as torch
-        return reference.linear(input, weight, bias)
-    fn = backends.implementation(backend, "linear", input)
-    return fn(input.reshape(-1, weight.shape[1]), weight, bias).view(*input.shape[:-1], weight.shape[0])
+    # Every check passed, so the common path was left for an empty input: empty (or bias-only) out, as torch.
+    return reference.linear(input, weight, bias)
