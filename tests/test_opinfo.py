@@ -114,3 +114,13 @@ def test_scaled_dot_product_attention_samples(backend):
             return reference.attention(q, k, v, kwargs["is_causal"], p, kwargs.get("scale"), dropout_mask=mask)
 
         compare(fused, truth, (sample.input, key, value), what)
+
+
+def test_linear_samples():
+    """torch's F.linear samples (1-D and 5-D inputs, no rows, no in_features, with and without bias) through the
+    ext GEMV: the ones of few rows run the kernel, the rest torch's GEMM behind the same entry point."""
+    require_backend("ext", "cpu", ops=("linear",))
+    for i, sample in enumerate(samples("nn.functional.linear")):
+        weight, bias = (list(sample.args) + [None])[:2]
+        compare(lambda x, w, b: kernels.linear(x, w, b, backend="ext"), F.linear, (sample.input, weight, bias),
+                f"ext nn.functional.linear sample {i}: input {tuple(sample.input.shape)}")
