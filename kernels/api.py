@@ -129,8 +129,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
         enable_gqa: allow Hk < Hq (Hq a multiple of Hk): query head h uses key/value head h // (Hq / Hk).
         window: sliding-window attention: query i sees only keys i - window < j <= i (itself and the window - 1
             before it), as Mistral's and FlashAttention's window_size=(window - 1, 0). Run as a (Tq, Tk) bool mask
-            (combined with attn_mask), so it needs a backend that fuses masks; ext on CPU skips the key tiles
-            wholly outside the window. None: no window.
+            (combined with attn_mask, which is then materialized at their broadcast shape), so it needs a backend
+            that fuses masks; ext on CPU skips the key tiles wholly outside the window. None: no window.
 
     Returns:
         (B, Hq, Tq, D) tensor of q's dtype. Query i sees keys j <= i: the causal mask is aligned to the top-left

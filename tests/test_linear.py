@@ -79,7 +79,8 @@ def test_strided_and_folded_inputs(ext_linear):
 
 
 def test_nan_and_inf_follow_torch(ext_linear):
-    """A NaN or inf in x spreads to its row as in torch (inf * 0-free weights: inf or NaN where signs mix)."""
+    """A NaN or inf in x spreads to its row as in torch: NaN from a NaN, and from inf times a zero weight; inf, or
+    NaN where the inf terms of a sum differ in sign."""
     x, w, b = linear_inputs((3,), 59, 20, True, seed=6, requires_grad=False)
     x[0, 7], x[1, 58] = float("nan"), float("inf")
     w[4, 58] = 0.0
