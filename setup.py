@@ -1,9 +1,9 @@
 """Package metadata lives in pyproject.toml; this file adds the chargpt C++/CUDA extension (csrc/) when it can.
 
-- torch importable here: build `kernels._C` -- the C++ part always, the .cu files too when torch is a CUDA build
+- torch importable here: build `chargpt_kernels._C` -- the C++ part always, the .cu files too when torch is a CUDA build
   and nvcc is found (or FORCE_CUDA=1). Without a visible GPU, TORCH_CUDA_ARCH_LIST defaults to "8.0;9.0".
 - torch not importable (pip's isolated build environment): install the pure-Python packages only; the extension
-  is then built just-in-time on first use by kernels/ext_build.py, against whatever torch runs.
+  is then built just-in-time on first use by kernels/chargpt_kernels/ext_build.py, against whatever torch runs.
 """
 
 import importlib.util
@@ -16,8 +16,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def _ext_build_module():
-    """kernels/ext_build.py without importing the kernels package (one source of truth for sources and flags)."""
-    spec = importlib.util.spec_from_file_location("_chargpt_ext_build", os.path.join(HERE, "kernels", "ext_build.py"))
+    """kernels/chargpt_kernels/ext_build.py without importing the chargpt_kernels package (one source of truth for
+    sources and flags)."""
+    spec = importlib.util.spec_from_file_location("_chargpt_ext_build",
+                                                  os.path.join(HERE, "kernels", "chargpt_kernels", "ext_build.py"))
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
@@ -41,10 +43,10 @@ def extension():
     stamp = eb._stamp(with_cuda).decode()
     sources = [os.path.relpath(p, HERE) for p in eb.cpp_sources() + (eb.cuda_sources() if with_cuda else [])]
     kind = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
-    print(f"setup.py: building kernels._C ({'C++ and CUDA' if with_cuda else 'C++ only'}) for torch "
+    print(f"setup.py: building chargpt_kernels._C ({'C++ and CUDA' if with_cuda else 'C++ only'}) for torch "
           f"{torch.__version__}", file=sys.stderr)
     ext = kind(
-        name="kernels._C",
+        name="chargpt_kernels._C",
         sources=sources,
         include_dirs=[os.path.join(HERE, "csrc")],
         define_macros=[("CHARGPT_BUILD_STAMP", f'"{stamp}"')],

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from bench.common import DEVICE, compiled, skip_unless_runnable
-from kernels import reference
-from kernels.testing import attention_inputs, check_against_reference
+from chargpt_kernels import reference
+from chargpt_kernels.testing import attention_inputs, check_against_reference
 
 # (B, H, T, D, dropout_p)
 if DEVICE == "cuda":
@@ -34,14 +34,14 @@ def attention_fn(backend):
         return lambda q, k, v, p: F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
     if backend == "torch.compile":
         return lambda q, k, v, p: compiled(reference.attention)(q, k, v, True, p)
-    return lambda q, k, v, p: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
+    return lambda q, k, v, p: chargpt_kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
 
 
 def validation(backend, attend, q, k, v, p, backward):
     """Checks one batch element and two heads of the case against the float64 reference (the same kernels and
     configs run; a float64 (B, H, T, T) of the whole case would not fit). triton and ext draw the dropout mask that
-    kernels.reference specifies, so they are checked with dropout; torch and eager draw masks of their own, so their
-    math is checked at p = 0."""
+    chargpt_kernels.reference specifies, so they are checked with dropout; torch and eager draw masks of their own, so
+    their math is checked at p = 0."""
     p = p if backend in ("triton", "ext") else 0.0
 
     def expected(q, k, v):
@@ -102,7 +102,7 @@ def test_attention_masks_and_gqa(timed, kind, shape, backend, mode):
     mask = None if gqa else padding_mask(b, t, DEVICE)
     if backend not in ("torch", "eager"):  # time only what the backend fuses: a silent fallback would time torch
         try:
-            kernels.backends.backend_for(backend, "attention", DEVICE, DTYPE, ("gqa",) if gqa else ("mask",))
+            chargpt_kernels.backends.backend_for(backend, "attention", DEVICE, DTYPE, ("gqa",) if gqa else ("mask",))
         except TypeError as lacking:
             pytest.skip(str(lacking))
     q = attention_inputs(b, hq, t, t, d, DEVICE, DTYPE, seed=0, requires_grad=mode != "fwd")[0]
@@ -118,8 +118,8 @@ def test_attention_masks_and_gqa(timed, kind, shape, backend, mode):
         kwargs = dict(attn_mask=rows_of(q), is_causal=gqa, enable_gqa=gqa)
         if backend == "torch":
             return F.scaled_dot_product_attention(q, k, v, **kwargs)
-        with kernels.use_backend(backend):
-            return kernels.scaled_dot_product_attention(q, k, v, **kwargs)
+        with chargpt_kernels.use_backend(backend):
+            return chargpt_kernels.scaled_dot_product_attention(q, k, v, **kwargs)
 
     def expected(q, k, v):
         return reference.attention(q, k, v, gqa, 0.0, None, rows_of(q))

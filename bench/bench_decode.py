@@ -1,6 +1,6 @@
 """Decoding with the KV cache: greedy tokens/s of a GPT the gpt preset's size (6 layers, 6 heads, 384 wide,
 block_size 1024; random init) extending a 1000-token prompt one token at a time, so each attention call is Tq = 1
-against a cache of Tk = 1001..1016 keys. Eager (kernels.reference, composed torch ops) is the baseline.
+against a cache of Tk = 1001..1016 keys. Eager (chargpt_kernels.reference, composed torch ops) is the baseline.
 
 Each case first checks that GPT.generate on the backend decodes eager's greedy tokens, and that the timed loop
 (GPT.generate's own steps, from a cache prefilled once outside the timing) decodes the same tokens."""
@@ -11,7 +11,7 @@ import functools
 import pytest
 import torch
 
-import kernels
+import chargpt_kernels
 from bench.common import DEVICE, skip_unless_runnable
 from chargpt.model import ModelConfig, build_model, sample_next
 
@@ -51,7 +51,7 @@ def decode(model, cache, token, steps):
     to the prompt first, so every timed call starts from the same Tk."""
     tokens = []
     cache.crop(PROMPT_TOKENS)
-    with kernels.use_backend(model.config.kernels):
+    with chargpt_kernels.use_backend(model.config.kernels):
         for _ in range(steps):
             logits, cache = model.next_token_logits(token, cache)
             token = sample_next(logits, temperature=0)
@@ -76,7 +76,7 @@ def assert_greedy_tokens_match(got, want):
 def test_decode(timed, backend):
     skip_unless_runnable(backend)
     model = model_for(backend)
-    with torch.no_grad(), kernels.use_backend(model.config.kernels):
+    with torch.no_grad(), chargpt_kernels.use_backend(model.config.kernels):
         logits, cache = model.next_token_logits(prompt())  # the prefill, outside the timing
     first = sample_next(logits, temperature=0)
 

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from bench.common import DEVICE, checks_weight_grads, compiled, skip_unless_runnable
-from kernels import reference
-from kernels.testing import check_against_reference, layer_norm_inputs
+from chargpt_kernels import reference
+from chargpt_kernels.testing import check_against_reference, layer_norm_inputs
 
 # (rows, N, dtype)
 if DEVICE == "cuda":
@@ -30,7 +30,7 @@ def layer_norm_fn(backend):
         return lambda x, w, b: F.layer_norm(x, x.shape[-1:], w, b)
     if backend == "torch.compile":
         return lambda x, w, b: compiled(reference.layer_norm)(x, w, b)
-    return lambda x, w, b: kernels.layer_norm(x, x.shape[-1:], w, b, backend=backend)
+    return lambda x, w, b: chargpt_kernels.layer_norm(x, x.shape[-1:], w, b, backend=backend)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])

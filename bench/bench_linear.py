@@ -1,6 +1,6 @@
 """linear for the few rows of decoding: one call multiplies `rows` rows by every weight matrix of the gpt preset's
 model (6 layers of c_attn, c_proj, c_fc and the MLP's c_proj: 42 MB of float32, more than a CPU's L3 usually holds),
-as one decoding step does, with torch's F.linear and with kernels.linear (ext: the multi-threaded GEMV).
+as one decoding step does, with torch's F.linear and with chargpt_kernels.linear (ext: the multi-threaded GEMV).
 
 Bytes per call are the weights' (each read once; x and y are a few KB); a plain read of the same weights in the same
 run (backend "read": their sum) says what this machine streams, so GB/s can be read against it."""
@@ -11,10 +11,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from bench.common import DEVICE, skip_unless_runnable
-from kernels import reference
-from kernels.testing import assert_close
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close
 
 N_EMBD, N_LAYER = 384, 6
 SHAPES = [(3 * N_EMBD, N_EMBD), (N_EMBD, N_EMBD), (4 * N_EMBD, N_EMBD), (N_EMBD, 4 * N_EMBD)]  # (out, in) a layer
@@ -36,7 +36,7 @@ def test_linear(timed, backend, rows):
     ws = weights()
     gen = torch.Generator().manual_seed(rows)
     xs = {k: torch.randn(rows, k, generator=gen).to(DEVICE) for k in {k for _, k in SHAPES}}
-    fn = F.linear if backend == "torch" else functools.partial(kernels.linear, backend=backend)
+    fn = F.linear if backend == "torch" else functools.partial(chargpt_kernels.linear, backend=backend)
 
     def step():
         if backend == "read":

@@ -8,10 +8,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from bench.common import DEVICE, checks_weight_grads, compiled, skip_unless_runnable
-from kernels import reference
-from kernels.testing import check_against_reference, layer_norm_inputs
+from chargpt_kernels import reference
+from chargpt_kernels.testing import check_against_reference, layer_norm_inputs
 
 if DEVICE == "cuda":
     SHAPES = [(16384, 384, torch.bfloat16), (4096, 4096, torch.bfloat16)]
@@ -35,7 +35,7 @@ def norm_fn(op, norm, p, backend):
             return lambda x, r, w, b: F.rms_norm(x, x.shape[-1:], w)
         if backend == "torch.compile":
             return lambda x, r, w, b: compiled(reference.rms_norm)(x, w)
-        return lambda x, r, w, b: kernels.rms_norm(x, x.shape[-1:], w, backend=backend)
+        return lambda x, r, w, b: chargpt_kernels.rms_norm(x, x.shape[-1:], w, backend=backend)
 
     def unfused(x, r, w, b):
         h = r + F.dropout(x, p)
@@ -46,7 +46,8 @@ def norm_fn(op, norm, p, backend):
         return unfused
     if backend == "torch.compile":
         return compiled(unfused)
-    return lambda x, r, w, b: torch.cat(kernels.add_norm(x, r, x.shape[-1:], w, b, 1e-5, norm, p, backend=backend), -1)
+    return lambda x, r, w, b: torch.cat(chargpt_kernels.add_norm(x, r, x.shape[-1:], w, b, 1e-5, norm, p,
+                                                                 backend=backend), -1)
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -61,7 +62,7 @@ def test_norms(timed, op, shape, backend, mode):
         skip_unless_runnable(backend)
     if backend not in ("copy", "torch", "torch.compile", "eager"):
         try:
-            kernels.backends.backend_for(backend, name, DEVICE, dtype)
+            chargpt_kernels.backends.backend_for(backend, name, DEVICE, dtype)
         except TypeError as lacking:
             pytest.skip(str(lacking))
     x, w, b = layer_norm_inputs((rows,), n, DEVICE, dtype, True, norm == "layer", seed=0, requires_grad=mode != "fwd")

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels.backends import unavailable_reason
-from kernels.runtime import triton_interpreted
+from chargpt_kernels.backends import unavailable_reason
+from chargpt_kernels.runtime import triton_interpreted
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 

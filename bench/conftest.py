@@ -18,9 +18,9 @@ def timed(benchmark):
     """timed(fn, key, backend, info, work, check, baseline) validates, then benchmarks fn (synchronising CUDA inside
     the timed call).
 
-    check() runs the case once and asserts its result against kernels.reference (kernels.testing); it runs before
-    any timing, so no row reports a speed-up for a wrong answer. key names the case (op, mode, shape, dtype) so a
-    backend can be compared with the baseline backend (torch's own op unless told otherwise) of the same key; work
+    check() runs the case once and asserts its result against chargpt_kernels.reference (chargpt_kernels.testing); it
+    runs before any timing, so no row reports a speed-up for a wrong answer. key names the case (op, mode, shape, dtype)
+    so a backend can be compared with the baseline backend (torch's own op unless told otherwise) of the same key; work
     is {"flop": n}, {"bytes": n} or {"tokens": n} per call and becomes TFLOP/s, GB/s or tokens/s in extra_info.
     Bandwidth cases on CUDA flush L2 before each repetition, so GB/s counts DRAM traffic, not cache hits."""
 

@@ -16,7 +16,7 @@ cd "$(dirname "$0")/.."
 corpus=$(realpath -m "${2:-../shared/data/tinyshakespeare/input.txt}")
 export CHARGPT_CORPUS="$corpus"  # the tests that need the corpus read it from here
 mkdir -p "$out"
-export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+export PYTHONPATH="$PWD:$PWD/kernels${PYTHONPATH:+:$PYTHONPATH}" CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 failed=()
 steps=" ${STEPS:-tests bench e2e} "
 step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures, keep going
@@ -30,8 +30,8 @@ step() {  # step NAME COMMAND...: run, log to OUTDIR/NAME.log, remember failures
 }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$out/gpu.csv" 2>&1
-step versions python3 -c "import torch, triton, kernels; print('torch', torch.__version__, 'triton', triton.__version__,
- 'gpu', torch.cuda.get_device_name(), 'backends', kernels.available_backends())"
+step versions python3 -c "import torch, triton, chargpt_kernels; print('torch', torch.__version__, 'triton', triton.__version__,
+ 'gpu', torch.cuda.get_device_name(), 'backends', chargpt_kernels.available_backends())"
 step tests python3 -m pytest tests -q -ra --junitxml "$out/tests.xml"
 step bench python3 -m pytest bench --benchmark-only -q --benchmark-json "$out/bench.json"
 [ -f "$out/bench.json" ] && step report python3 -m bench.report "$out/bench.json" --out "$out"

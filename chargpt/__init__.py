@@ -1,4 +1,4 @@
-"""chargpt: a character-level GPT on tiny shakespeare whose attention and LayerNorm run on `kernels` backends.
+"""chargpt: a character-level GPT on tiny shakespeare whose attention and LayerNorm run on `chargpt_kernels` backends.
 
     python -m chargpt.train --fused          # train (gpt on CUDA, gpt-cpu on CPU)
     python -m chargpt.sample --out-dir out   # sample from the best checkpoint

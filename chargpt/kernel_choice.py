@@ -1,8 +1,8 @@
 """The run-level choice of kernels backend: which backend each op of a training or sampling run uses, decided and
 checked before the first step, so that a backend that cannot take the run's tensors stops the run with one line.
 
-ARCH: chargpt stands on `kernels`. Inside chargpt only the model file (chargpt/model.py, which calls the ops)
-and this module (which asks the seam `kernels.backends` what can run here) touch `kernels`.
+ARCH: chargpt stands on `chargpt_kernels`. Inside chargpt only the model file (chargpt/model.py, which calls the ops)
+and this module (which asks the seam `chargpt_kernels.backends` what can run here) touch `chargpt_kernels`.
 """
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from chargpt import ChargptError
-from kernels import backends
+from chargpt_kernels import backends
 
 KERNEL_CHOICES = backends.CHOICES  # eager, triton, ext, auto
 _CHOICE_ERRORS = (ValueError, TypeError, backends.BackendUnavailable)

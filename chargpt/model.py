@@ -1,13 +1,14 @@
 """The models: a bigram baseline and one GPT family whose switches (residual, layernorm, mlp) span the seed's ladder.
 
 The GPT is nanoGPT's: pre-LN blocks, learned positions, weight tying, GPT-2 init, optional biases. Its two hot
-ops go through the `kernels` seam: attention via `kernels.causal_attention` (or `kernels.scaled_dot_product_attention`
-when decoding one token against a KV cache) and LayerNorm via `kernels.LayerNorm`, on the backend named by
-`ModelConfig.kernels`. Where that backend has a fused add_norm kernel, each residual add (with its dropout) and the
-norm after it run as one `kernels.add_norm` (GPT._trunk_add_norm): same parameters, same arithmetic. Its linear
-layers call `kernels.linear` where the backend has a fused one (ext on CPU: the GEMV that decoding's single rows need).
+ops go through the `chargpt_kernels` seam: attention via `chargpt_kernels.causal_attention` (or
+`chargpt_kernels.scaled_dot_product_attention` when decoding one token against a KV cache) and LayerNorm via
+`chargpt_kernels.LayerNorm`, on the backend named by `ModelConfig.kernels`. Where that backend has a fused add_norm
+kernel, each residual add (with its dropout) and the norm after it run as one `chargpt_kernels.add_norm`
+(GPT._trunk_add_norm): same parameters, same arithmetic. Its linear layers call `chargpt_kernels.linear` where the
+backend has a fused one (ext on CPU: the GEMV that decoding's single rows need).
 ARCH: besides chargpt/kernel_choice.py (the run-level backend choice), this is the only chargpt file that touches
-`kernels`.
+`chargpt_kernels`.
 """
 
 import math
@@ -17,9 +18,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from chargpt import ChargptError
-from kernels import backends
+from chargpt_kernels import backends
 
 
 @dataclass
@@ -84,22 +85,23 @@ class CausalSelfAttention(nn.Module):
         """Attention over x (B, T, C). With a KVCache, x's keys and values are written to it; when it already
         holds earlier tokens, x is the next single token and attends to them all.
 
-        resid_dropout=False leaves the output's dropout to the kernels.add_norm that adds it to the residual stream.
+        resid_dropout=False leaves the output's dropout to the chargpt_kernels.add_norm that adds it to the
+        residual stream.
         """
         B, T, C = x.shape
         q, k, v = self.c_attn(x).split(self.n_embd, dim=2)
         q, k, v = (t.view(B, T, self.n_head, C // self.n_head).transpose(1, 2) for t in (q, k, v))  # (B, H, T, D)
         if cache is None or cache.length == 0:
             dropout_p = self.dropout if self.training else 0.0
-            y = kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
+            y = chargpt_kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend=self.backend)
             if cache is not None:
                 cache.update(self, k, v)
         else:
             assert T == 1, "decoding with a KV cache takes one token at a time"
             k, v = cache.update(self, k, v)
             # Every cached key lies in the new token's past, so no causal mask: (Tq=1) x (Tk=cached+1).
-            # The backend comes from the kernels.use_backend block that GPT.generate opens.
-            y = kernels.scaled_dot_product_attention(q, k, v, is_causal=False)
+            # The backend comes from the chargpt_kernels.use_backend block that GPT.generate opens.
+            y = chargpt_kernels.scaled_dot_product_attention(q, k, v, is_causal=False)
         y = self.c_proj(y.transpose(1, 2).contiguous().view(B, T, C))
         return self.resid_dropout(y) if resid_dropout else y
 
@@ -117,8 +119,8 @@ class MLP(nn.Module):
         return self.dropout(y) if resid_dropout else y
 
 
-class LayerNorm(kernels.LayerNorm):
-    """kernels.LayerNorm that normalizes in its weight's dtype (float32), as CUDA autocast does for layer_norm.
+class LayerNorm(chargpt_kernels.LayerNorm):
+    """chargpt_kernels.LayerNorm that normalizes in its weight's dtype (float32), as CUDA autocast does for layer_norm.
 
     Under autocast the residual stream stays float32, but without residual paths a sublayer's bfloat16/float16
     output reaches the next norm, and kernels ops take one dtype for input and weight. Same parameters and keys.
@@ -129,9 +131,9 @@ class LayerNorm(kernels.LayerNorm):
 
 
 class Linear(nn.Linear):
-    """nn.Linear that calls kernels.linear where the model's backend has a fused linear kernel for its input (ext on
-    CPU: a multi-threaded GEMV for the single rows of decoding, which torch runs on one thread), else torch's own.
-    Same parameters and state_dict keys."""
+    """nn.Linear that calls chargpt_kernels.linear where the model's backend has a fused linear kernel for its input
+    (ext on CPU: a multi-threaded GEMV for the single rows of decoding, which torch runs on one thread), else torch's
+    own. Same parameters and state_dict keys."""
 
     def __init__(self, in_features, out_features, bias, backend):
         super().__init__(in_features, out_features, bias=bias)
@@ -139,7 +141,7 @@ class Linear(nn.Linear):
 
     def forward(self, x):
         if has_fused_kernel("linear", self.backend, x.device.type, x.dtype):
-            return kernels.linear(x, self.weight, self.bias, backend=self.backend)
+            return chargpt_kernels.linear(x, self.weight, self.bias, backend=self.backend)
         return super().forward(x)
 
 
@@ -150,7 +152,7 @@ def layer_norm(config):
 
 
 def fuses_residual_norms(config):
-    """Whether a GPT of `config` can fold its residual adds into kernels.add_norm: pre-LN blocks with residual
+    """Whether a GPT of `config` can fold its residual adds into chargpt_kernels.add_norm: pre-LN blocks with residual
     paths and an MLP, where every residual add is followed by a norm. The seed ladder's other rungs cannot."""
     return config.residual and config.layernorm and config.mlp
 
@@ -178,8 +180,8 @@ def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
     its first step that its backend takes them. Attention gets q, k, v from a Linear, so autocast's dtype;
     LayerNorm normalizes in its parameters' dtype (see LayerNorm), and add_norm adds in the residual stream's
     (the embeddings', the parameters' dtype). add_norm is used only where a fused kernel takes it (see
-    has_fused_kernel; kernel_choice.OPTIONAL_OPS). Linear layers are left out: they call kernels.linear only where
-    its GEMV runs (decoding's few rows), and torch's GEMM otherwise. The bigram model uses no kernels op."""
+    has_fused_kernel; kernel_choice.OPTIONAL_OPS). Linear layers are left out: they call chargpt_kernels.linear only
+    where its GEMV runs (decoding's few rows), and torch's GEMM otherwise. The bigram model uses no kernels op."""
     if config.arch != "gpt":
         return {}
     dtypes = {"attention": compute_dtype}
@@ -193,8 +195,8 @@ def kernel_dtypes(config, compute_dtype, param_dtype=torch.float32):
 def add_norm(x, residual, norm, dropout_p):
     """(norm(h), h) for h = residual + dropout(x) in one kernels call, `norm` being a LayerNorm module. x, a
     sublayer's output (autocast's dtype), is added in the residual stream's dtype, as `residual + x` would."""
-    return kernels.add_norm(x.to(residual.dtype), residual, norm.normalized_shape, norm.weight, norm.bias, norm.eps,
-                            dropout_p=dropout_p, backend=norm.backend)
+    return chargpt_kernels.add_norm(x.to(residual.dtype), residual, norm.normalized_shape, norm.weight, norm.bias,
+                                    norm.eps, dropout_p=dropout_p, backend=norm.backend)
 
 
 class Block(nn.Module):
@@ -334,7 +336,7 @@ class GPT(nn.Module):
         """
         block_size = self.config.block_size
         cache = None
-        with kernels.use_backend(self.config.kernels):
+        with chargpt_kernels.use_backend(self.config.kernels):
             for _ in range(max_new_tokens):
                 if cache is not None and idx.size(1) <= block_size:
                     logits, cache = self.next_token_logits(idx[:, -1:], cache)

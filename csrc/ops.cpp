@@ -1,5 +1,5 @@
 // Op schemas of the chargpt extension and their autograd. Kernels live in cpu/*.cpp (CPU) and cuda/*.cu (CUDA);
-// the Python side (kernels/ext_*.py) adds the fake (meta) implementations torch.compile traces with.
+// the Python side (kernels/chargpt_kernels/ext_*.py) adds the fake (meta) implementations torch.compile traces with.
 //
 // Autograd is registered here, in C++ (TORCH_LIBRARY_IMPL(chargpt, Autograd)), rather than with Python's
 // torch.library.register_autograd: the Python path costs ~20 us per forward call and as much again per backward
@@ -11,8 +11,8 @@
 #include <torch/library.h>
 
 #ifdef CHARGPT_BUILD_STAMP
-// setup.py builds: kernels/ext_build.py reads this string from the file (before loading it) to check that the
-// library was built for the running torch, and whether it holds the CUDA kernels.
+// setup.py builds: kernels/chargpt_kernels/ext_build.py reads this string from the file (before loading it) to check
+// that the library was built for the running torch, and whether it holds the CUDA kernels.
 extern "C" __attribute__((used, visibility("default"))) const char chargpt_build_stamp[] = CHARGPT_BUILD_STAMP;
 #endif
 
@@ -27,7 +27,7 @@ TORCH_LIBRARY(chargpt, m) {
   // dx, dweight (always returned).
   m.def("rms_norm_bwd(Tensor grad_out, Tensor x, Tensor? weight, Tensor rstd) -> (Tensor, Tensor)");
   // add_norm: h = residual + dropout(x), y = norm(h) for norm "layer" or "rms"; returns y, h, mean (zeros for rms),
-  // rstd. seed is a 1-element int64 tensor when dropout_p > 0 (mask spec in kernels/reference.py).
+  // rstd. seed is a 1-element int64 tensor when dropout_p > 0 (mask spec in kernels/chargpt_kernels/reference.py).
   m.def("add_norm_fwd(Tensor x, Tensor residual, Tensor? weight, Tensor? bias, float eps, str norm, float dropout_p,"
         " Tensor? seed) -> (Tensor, Tensor, Tensor, Tensor)");
   // dh (h's total gradient, which is residual's), dx (dh through the regenerated dropout mask; a 0-element

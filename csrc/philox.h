@@ -1,5 +1,6 @@
 // Dropout RNG shared by the CPU and CUDA kernels: Triton's tl.rand(seed, offset) with an int64 offset,
-// bit for bit (kernels/reference.py holds the spec and a torch-ops transcription the tests compare against).
+// bit for bit (kernels/chargpt_kernels/reference.py holds the spec and a torch-ops transcription the tests
+// compare against).
 //   Philox4x32-10, key (seed_lo, seed_hi), counter (offset_lo, offset_hi, 0, 0); the first output word,
 //   read as int32 and folded to non-negative with ~x, times float32(4.6566127342e-10) -> [0, 1).
 // Dropout keeps an attention weight iff philox_uniform(seed, ((b*H + h)*Tq + i)*Tk + j) >= p.

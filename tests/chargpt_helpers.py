@@ -8,6 +8,8 @@ from pathlib import Path
 import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+# What a process needs on sys.path to import chargpt and chargpt_kernels from this checkout, installed or not.
+CHECKOUT_PATH = os.pathsep.join([str(REPO_ROOT), str(REPO_ROOT / "kernels")])
 # CHARGPT_CORPUS points elsewhere, e.g. on a lent GPU machine, where ../shared does not travel.
 CORPUS = Path(os.environ.get("CHARGPT_CORPUS", REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"))
 NO_CORPUS = f"the tiny shakespeare corpus is not at {CORPUS} (the project's shared data folder)"
@@ -29,11 +31,19 @@ def small_text():
     return "\n".join(lines)
 
 
+def checkout_env(base=None, **extra):
+    """os.environ (or `base`) with the checkout's packages first on PYTHONPATH, plus `extra`: for the fresh
+    processes the tests start, which do not inherit pytest's sys.path."""
+    env = dict(os.environ if base is None else base, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (CHECKOUT_PATH, env.get("PYTHONPATH")) if p)
+    return env
+
+
 def run_cli(*args, env=None, timeout=300, module=None):
     """Run `python -m chargpt.<module> args` (or `python args` when module is None) from the repo root."""
     # One thread: these tiny models gain nothing from more, and on a busy 2-core machine OpenMP threads that
     # spin-wait for each other make every op ~10x slower.
-    full_env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1", **(env or {}))
+    full_env = checkout_env(OMP_NUM_THREADS="1", **(env or {}))
     command = [sys.executable] + (["-m", f"chargpt.{module}"] if module else []) + [str(a) for a in args]
     return subprocess.run(command, cwd=REPO_ROOT, env=full_env, capture_output=True, text=True, timeout=timeout)
 

@@ -10,9 +10,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
-from kernels import backends  # noqa: E402
-from kernels.backends import unavailable_reason  # noqa: E402
-from kernels.testing import TOLERANCE, assert_close  # noqa: E402, F401 (re-exported to the test modules)
+from chargpt_kernels import backends  # noqa: E402
+from chargpt_kernels.backends import unavailable_reason  # noqa: E402
+from chargpt_kernels.testing import TOLERANCE, assert_close  # noqa: E402, F401 (re-exported to the test modules)
 
 FUSED_BACKENDS = ("triton", "ext")
 

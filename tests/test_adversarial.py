@@ -1,12 +1,11 @@
 """Inputs a real model can produce that easy tests never try, on every backend, judged by a float64 truth.
 
-The truth is kernels.reference (or torch) evaluated in float64. Where torch's own float32 answer is wrong, the
+The truth is chargpt_kernels.reference (or torch) evaluated in float64. Where torch's own float32 answer is wrong, the
 comment says so, and the kernels are held to float64, not to torch. Cases that could crash the process (exotic
 strides reaching C++) run in a subprocess, so a crash fails one test instead of killing the run.
 """
 
 import math
-import os
 import subprocess
 import sys
 import textwrap
@@ -16,11 +15,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close, attention_inputs, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close, attention_inputs, layer_norm_inputs
 
-from chargpt_helpers import REPO_ROOT
+from chargpt_helpers import checkout_env
 from conftest import FUSED_BACKENDS, require_backend
 
 ALL_BACKENDS = ("eager",) + FUSED_BACKENDS
@@ -29,7 +28,7 @@ FP32 = torch.float32
 
 def attention_vs_float64(backend, q, k, v, is_causal=True, scale=None, what=""):
     """Output and dq, dk, dv of causal_attention on `backend` against the float64 reference."""
-    out = kernels.causal_attention(q, k, v, scale=scale, backend=backend) if is_causal else \
+    out = chargpt_kernels.causal_attention(q, k, v, scale=scale, backend=backend) if is_causal else \
         _sdpa(backend, q, k, v, scale=scale)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = reference.attention(q64, k64, v64, is_causal, 0.0, scale)
@@ -44,8 +43,8 @@ def attention_vs_float64(backend, q, k, v, is_causal=True, scale=None, what=""):
 
 
 def _sdpa(backend, *args, **kwargs):
-    with kernels.use_backend(backend):
-        return kernels.scaled_dot_product_attention(*args, **kwargs)
+    with chargpt_kernels.use_backend(backend):
+        return chargpt_kernels.scaled_dot_product_attention(*args, **kwargs)
 
 
 # --- non-finite and extreme values -------------------------------------------------------------------------------
@@ -80,7 +79,7 @@ def test_attention_non_finite_values_propagate(backend, where, value):
     tensors = {"q": q.clone(), "k": k.clone(), "v": v.clone()}
     tensors[where][0, 1, 35, 3] = value
     q, k, v = (tensors[n].requires_grad_() for n in "qkv")
-    out = kernels.causal_attention(q, k, v, backend=backend)
+    out = chargpt_kernels.causal_attention(q, k, v, backend=backend)
     grad = torch.randn(out.shape, generator=torch.Generator().manual_seed(7))
     got = (out, *torch.autograd.grad(out, (q, k, v), grad))
     truths = []
@@ -108,7 +107,7 @@ def test_attention_extreme_magnitudes(backend, magnitude):
     require_backend(backend, "cpu")
     q, k, v = attention_inputs(1, 2, 33, 33, 16, "cpu", FP32, seed=4, requires_grad=False)
     q, k, v = (q * magnitude).requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    out = kernels.causal_attention(q, k, v, backend=backend)
+    out = chargpt_kernels.causal_attention(q, k, v, backend=backend)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     want = reference.attention(q64, k64, v64, True)
     assert_close(out, want, FP32, f"{backend} q * {magnitude}: output")
@@ -136,7 +135,7 @@ def test_layer_norm_extreme_rows(backend, value):
     else:
         x[1, 17] = value
     x.requires_grad_(), w.requires_grad_(), b.requires_grad_()
-    y = kernels.layer_norm(x, (384,), w, b, backend=backend)
+    y = chargpt_kernels.layer_norm(x, (384,), w, b, backend=backend)
     x64, w64, b64 = (t.detach().double().requires_grad_() for t in (x, w, b))
     want = F.layer_norm(x64, (384,), w64, b64)
     assert_close(y, want, FP32, f"{backend} y")
@@ -157,7 +156,7 @@ def test_layer_norm_constant_rows_are_exact(backend, n):
     x = torch.full((3, n), 0.1)
     x[1] = -7.3
     b = torch.randn(n)
-    y = kernels.layer_norm(x, (n,), torch.randn(n), b, eps=1e-12, backend=backend)
+    y = chargpt_kernels.layer_norm(x, (n,), torch.randn(n), b, eps=1e-12, backend=backend)
     torch.testing.assert_close(y, b.expand(3, n), rtol=0, atol=0)
 
 
@@ -189,7 +188,7 @@ def test_layer_norm_strided_weight_bias_and_expanded_rows(backend):
     w_base, b_base = (torch.randn(128, generator=gen).requires_grad_() for _ in range(2))
     row = (torch.randn(1, 64, generator=gen) * 3 + 1).requires_grad_()
     x = row.expand(5, 64)  # stride 0 between rows
-    y = kernels.layer_norm(x, (64,), w_base[::2], b_base[1::2], backend=backend)
+    y = chargpt_kernels.layer_norm(x, (64,), w_base[::2], b_base[1::2], backend=backend)
     row64, w64, b64 = (t.detach().double().requires_grad_() for t in (row, w_base, b_base))
     want = F.layer_norm(row64.expand(5, 64), (64,), w64[::2], b64[1::2])
     assert_close(y, want, FP32, f"{backend} y")
@@ -200,17 +199,17 @@ def test_layer_norm_strided_weight_bias_and_expanded_rows(backend):
 
 
 EXOTIC_LAYOUTS = """
-import torch, kernels
-from kernels import reference
-from kernels.testing import assert_close
+import torch, chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close
 torch.manual_seed(0)
 base = torch.randn(2, 24, 16)
 q = base.as_strided((2, 3, 20, 16), (384, 4, 16, 1))  # heads overlap: head h starts 4 rows after head h-1
 k = torch.randn(2, 20, 16, 3).permute(0, 3, 1, 2)  # stride(1) == 1: heads are the innermost dim
 v = torch.randn(2, 3, 16, 20).transpose(-1, -2)  # unit stride along T, not D
 for causal in (True, False):
-    with kernels.use_backend("{backend}"):
-        out = kernels.scaled_dot_product_attention(q, k, v, is_causal=causal)
+    with chargpt_kernels.use_backend("{backend}"):
+        out = chargpt_kernels.scaled_dot_product_attention(q, k, v, is_causal=causal)
     assert_close(out, reference.attention(q.double(), k.double(), v.double(), causal), torch.float32, "exotic")
 print("ok")
 """
@@ -220,7 +219,7 @@ print("ok")
 def test_attention_exotic_layouts_in_a_subprocess(backend):
     """Overlapping heads and head-innermost strides: copied or handled, never read out of bounds, never a crash."""
     require_backend(backend, "cpu")
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = checkout_env(OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", EXOTIC_LAYOUTS.replace("{backend}", backend)], env=env,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0 and run.stdout.strip().endswith("ok"), run.stderr[-2000:]
@@ -241,7 +240,7 @@ def test_attention_head_dim_over_256(backend):
     require_backend(backend, "cpu")
     q, k, v = attention_inputs(1, 1, 5, 5, 257, "cpu", FP32, seed=1)
     with pytest.raises(ValueError, match="head dim"):
-        kernels.causal_attention(q, k, v, backend=backend)
+        chargpt_kernels.causal_attention(q, k, v, backend=backend)
     with warnings.catch_warnings(record=True):
         warnings.simplefilter("always")
         out = _sdpa(backend, q, k, v, is_causal=True)
@@ -270,7 +269,7 @@ def test_attention_zero_size(backend, shape):
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=is_causal)
         out = _sdpa(backend, q, k, v, is_causal=is_causal)
         assert_close(out, want, FP32, f"{backend} sdpa {shape}")
-        assert_close(kernels.causal_attention(q, k, v, backend=backend),
+        assert_close(chargpt_kernels.causal_attention(q, k, v, backend=backend),
                      F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True), FP32,
                      f"{backend} causal_attention {shape}")
         for t in (q.flatten(0, 1), q[0, 0] if b and h else q.flatten(0, 2)):  # 3-D and 2-D sdpa
@@ -285,7 +284,7 @@ def test_layer_norm_zero_size(backend, shape):
     require_backend(backend, "cpu")
     x = torch.randn(*shape, requires_grad=True)
     n = shape[-1]
-    y = kernels.layer_norm(x, (n,), torch.randn(n), torch.randn(n), backend=backend)
+    y = chargpt_kernels.layer_norm(x, (n,), torch.randn(n), torch.randn(n), backend=backend)
     assert y.shape == F.layer_norm(x, (n,)).shape
     y.sum().backward()
     assert x.grad.shape == x.shape
@@ -296,19 +295,19 @@ def test_attention_long_sequence_bounded_memory(backend):
     """T = 8192 in a fresh process: peak memory must grow by far less than one (T, T) float32 matrix (256 MB)."""
     require_backend(backend, "cpu")
     code = textwrap.dedent(f"""
-        import resource, torch, kernels
+        import resource, torch, chargpt_kernels
         def peak_mb():
             return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         small = [torch.randn(1, 1, 256, 16, requires_grad=True) for _ in range(3)]
-        kernels.causal_attention(*small, backend="{backend}").sum().backward()
+        chargpt_kernels.causal_attention(*small, backend="{backend}").sum().backward()
         before = peak_mb()
         q, k, v = (torch.randn(1, 1, 8192, 16, requires_grad=True) for _ in range(3))
-        out = kernels.causal_attention(q, k, v, backend="{backend}")
+        out = chargpt_kernels.causal_attention(q, k, v, backend="{backend}")
         out.sum().backward()
         assert torch.isfinite(out).all() and torch.isfinite(q.grad).all()
         print(peak_mb() - before)
     """)
-    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    env = checkout_env(OMP_NUM_THREADS="1")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-2000:]
     grew_mb = float(run.stdout.strip().splitlines()[-1])
@@ -334,7 +333,7 @@ def test_attention_non_finite_scale(backend, scale):
     require_backend(backend, "cpu")
     q, k, v = attention_inputs(1, 1, 6, 6, 8, "cpu", FP32, seed=2, requires_grad=False)
     with pytest.raises(ValueError, match="scale"):
-        kernels.causal_attention(q, k, v, scale=scale, backend=backend)
+        chargpt_kernels.causal_attention(q, k, v, scale=scale, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         out = _sdpa(backend, q, k, v, scale=scale)
@@ -347,7 +346,7 @@ def test_attention_dropout_edges_follow_the_mask_spec(backend, p):
     require_backend(backend, "cpu")
     q, k, v = attention_inputs(1, 2, 17, 17, 16, "cpu", FP32, seed=12)
     torch.manual_seed(5)
-    out = kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
+    out = chargpt_kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
     torch.manual_seed(5)
     mask = reference.dropout_keep_mask(int(reference.new_dropout_seed("cpu")), 1, 2, 17, 17, p)
     want = reference.attention(q.double(), k.double(), v.double(), True, p, dropout_mask=mask)
@@ -361,7 +360,7 @@ def test_attention_dropout_out_of_range(backend):
     q, k, v = attention_inputs(1, 1, 6, 6, 8, "cpu", FP32, seed=2, requires_grad=False)
     for p in (1.0, -0.1, 1.5, float("nan")):
         with pytest.raises(ValueError, match="dropout_p"):
-            kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
+            chargpt_kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.testing.assert_close(_sdpa(backend, q, k, v, dropout_p=1.0), torch.zeros_like(q))
@@ -375,11 +374,11 @@ def test_layer_norm_eps_edges(backend):
     require_backend(backend, "cpu")
     x, w, b = layer_norm_inputs((4,), 33, "cpu", FP32, True, True, seed=3, requires_grad=False)
     for eps in (1e-12, 1e-30, 10.0):
-        assert_close(kernels.layer_norm(x, (33,), w, b, eps, backend=backend),
+        assert_close(chargpt_kernels.layer_norm(x, (33,), w, b, eps, backend=backend),
                      F.layer_norm(x.double(), (33,), w.double(), b.double(), eps), FP32, f"eps={eps}")
     for eps in (0.0, -0.5, float("inf"), float("nan")):
         with pytest.raises(ValueError, match="eps"):
-            kernels.layer_norm(x, (33,), w, b, eps, backend=backend)
+            chargpt_kernels.layer_norm(x, (33,), w, b, eps, backend=backend)
 
 
 # --- dtype and device mixes, double backward ----------------------------------------------------------------------
@@ -389,14 +388,14 @@ def test_dtype_and_device_mixes_raise(backend):
     require_backend(backend, "cpu")
     x, w, b = layer_norm_inputs((4,), 16, "cpu", FP32, True, True, seed=3, requires_grad=False)
     with pytest.raises(TypeError, match="float16"):
-        kernels.layer_norm(x, (16,), w.half(), b, backend=backend)
+        chargpt_kernels.layer_norm(x, (16,), w.half(), b, backend=backend)
     with pytest.raises(ValueError, match="meta"):
-        kernels.layer_norm(x, (16,), w, b.to("meta"), backend=backend)
+        chargpt_kernels.layer_norm(x, (16,), w, b.to("meta"), backend=backend)
     q, k, v = attention_inputs(1, 1, 4, 4, 8, "cpu", FP32, seed=0, requires_grad=False)
     with pytest.raises(TypeError, match="float64"):
-        kernels.causal_attention(q, k.double(), v, backend=backend)
+        chargpt_kernels.causal_attention(q, k.double(), v, backend=backend)
     with pytest.raises(TypeError, match="floating-point"):
-        kernels.causal_attention(q, k, v.long(), backend=backend)
+        chargpt_kernels.causal_attention(q, k, v.long(), backend=backend)
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -406,11 +405,11 @@ def test_double_backward_is_right_or_refused(backend, op):
     require_backend(backend, "cpu")
     if op == "layer_norm":
         x = layer_norm_inputs((3,), 24, "cpu", FP32, False, False, seed=1)[0]
-        run = lambda x: kernels.layer_norm(x, (24,), backend=backend)  # noqa: E731
+        run = lambda x: chargpt_kernels.layer_norm(x, (24,), backend=backend)  # noqa: E731
     else:
         q, k, v = attention_inputs(1, 1, 6, 6, 8, "cpu", FP32, seed=1)
         x = q
-        run = lambda q: kernels.causal_attention(q, k, v, backend=backend)  # noqa: E731
+        run = lambda q: chargpt_kernels.causal_attention(q, k, v, backend=backend)  # noqa: E731
     r = torch.randn(run(x).shape, generator=torch.Generator().manual_seed(0))
     (g,) = torch.autograd.grad((run(x) * r).sum(), x, create_graph=True)
     if backend == "eager":
@@ -427,14 +426,14 @@ def test_double_backward_is_right_or_refused(backend, op):
 
 def test_fallback_warns_once_per_reason_while_decoding(recwarn):
     """Token-by-token decoding with an unfused feature (GQA today) warns once, not once per new key length."""
-    kernels.api._warned.clear()
+    chargpt_kernels.api._warned.clear()
     for tk in range(1, 13):
         q = torch.randn(1, 4, 1, 8)
         kv = torch.randn(1, 2, tk, 8)
-        kernels.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
-    messages = [str(w.message) for w in recwarn if "kernels.scaled_dot_product_attention" in str(w.message)]
+        chargpt_kernels.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+    messages = [str(w.message) for w in recwarn if "chargpt_kernels.scaled_dot_product_attention" in str(w.message)]
     assert len(messages) <= 1, messages
-    assert len(kernels.api._warned) <= 1
+    assert len(chargpt_kernels.api._warned) <= 1
     if messages:
         assert "GQA" in messages[0]
 
@@ -446,6 +445,6 @@ def test_sdpa_keeps_enable_gqa_on_folded_inputs(shape):
     kv = torch.randn(*shape[:-3], 2, *shape[-2:])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        out = kernels.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
+        out = chargpt_kernels.scaled_dot_product_attention(q, kv, kv, enable_gqa=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, kv, kv, enable_gqa=True))
     assert math.prod(out.shape) == q.numel()

@@ -7,9 +7,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import attention_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import attention_inputs
 
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
@@ -28,8 +28,9 @@ SHAPES = [
 
 def run_both(backend, q, k, v, is_causal, dropout_p=0.0, scale=None, mask=None):
     """Output and (dq, dk, dv) of the backend and of the float64 reference, under the same upstream gradient."""
-    with kernels.use_backend(backend):
-        out = kernels.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal, scale=scale)
+    with chargpt_kernels.use_backend(backend):
+        out = chargpt_kernels.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=is_causal,
+                                                           scale=scale)
     grad = torch.randn_like(out)
     grads = torch.autograd.grad(out, (q, k, v), grad)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
@@ -56,7 +57,7 @@ def test_matches_reference(backend, device, dtype, is_causal, shape):
 def test_custom_scale_and_causal_attention_api(backend, device, dtype):
     require_backend(backend, device, dtype)
     q, k, v = attention_inputs(2, 2, 33, 33, 48, device, dtype, seed=5)
-    out = kernels.causal_attention(q, k, v, scale=0.3, backend=backend)
+    out = chargpt_kernels.causal_attention(q, k, v, scale=0.3, backend=backend)
     ref = reference.attention(q.double(), k.double(), v.double(), True, scale=0.3)
     assert_close(out, ref, dtype, f"{backend} scale=0.3")
 
@@ -66,7 +67,7 @@ def test_custom_scale_and_causal_attention_api(backend, device, dtype):
 @pytest.mark.parametrize("is_causal", [True, False], ids=["causal", "full"])
 @pytest.mark.parametrize("d", [24, 64])  # on CUDA in fp16/bf16, 64 takes the tensor-core kernels and 24 does not
 def test_dropout_uses_the_specified_mask(backend, device, dtype, is_causal, d):
-    """The kernel's dropout is exactly the Philox mask of kernels.reference: checked on output and gradients."""
+    """The kernel's dropout is exactly the Philox mask of chargpt_kernels.reference: checked on output and gradients."""
     require_backend(backend, device, dtype)
     b, h, t, p = 2, 3, 37, 0.3
     q, k, v = attention_inputs(b, h, t, t, d, device, dtype, seed=11)
@@ -89,7 +90,7 @@ def test_dropout_properties(backend):
     q = torch.randn(b, h, t, t, device=device)
     k = torch.randn(b, h, t, t, device=device)
     v = torch.eye(t, device=device).expand(b, h, t, t)
-    weights = lambda: kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)  # noqa: E731
+    weights = lambda: chargpt_kernels.causal_attention(q, k, v, dropout_p=p, backend=backend)  # noqa: E731
     torch.manual_seed(7)
     w1 = weights()
     torch.manual_seed(7)
@@ -114,33 +115,33 @@ def test_cuda_matches_torch_sdpa(backend):
     require_backend(backend, "cuda")
     for dtype in (torch.float16, torch.bfloat16):
         q, k, v = attention_inputs(4, 6, 256, 256, 64, "cuda", dtype, seed=3)
-        with kernels.use_backend(backend):
-            out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with chargpt_kernels.use_backend(backend):
+            out = chargpt_kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
         want = F.scaled_dot_product_attention(q.double(), k.double(), v.double(), is_causal=True)
         assert_close(out, want, dtype, f"{backend} vs F.sdpa")
 
 
 def test_sdpa_dropin_folds_leading_dims_and_falls_back_with_one_warning(recwarn, monkeypatch):
-    monkeypatch.setattr(kernels.api, "_warned", set())  # as in a fresh process: earlier tests may have warned
+    monkeypatch.setattr(chargpt_kernels.api, "_warned", set())  # as in a fresh process: earlier tests may have warned
     q, k, v = (torch.randn(3, 10, 16) for _ in range(3))
-    out = kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
+    out = chargpt_kernels.scaled_dot_product_attention(q, k, v, is_causal=True)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, is_causal=True), rtol=1e-5, atol=1e-5)
     mask = torch.randn(10, 10, requires_grad=True)  # no fused kernel takes a mask that wants a gradient
     for _ in range(2):
-        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = chargpt_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=mask))
     messages = [str(w.message) for w in recwarn if "attn_mask" in str(w.message)]
     assert len(messages) == 1, messages
     big = torch.randn(1, 1, 4, 300)
     with pytest.warns(UserWarning, match="head dim"):
-        out = kernels.scaled_dot_product_attention(big, big, big)
+        out = chargpt_kernels.scaled_dot_product_attention(big, big, big)
     torch.testing.assert_close(out, F.scaled_dot_product_attention(big, big, big))
 
 
 def test_sdpa_can_replace_torchs_own(monkeypatch):
     """Code that calls F.scaled_dot_product_attention can be pointed at ours; the fallback must not recurse."""
     original = F.scaled_dot_product_attention
-    monkeypatch.setattr(F, "scaled_dot_product_attention", kernels.scaled_dot_product_attention)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", chargpt_kernels.scaled_dot_product_attention)
     q, k, v = (torch.randn(2, 2, 9, 16) for _ in range(3))
     mask = torch.ones(9, 9, dtype=torch.bool).tril()
     with warnings.catch_warnings():  # the fallback warns once per process: maybe here, maybe earlier
@@ -165,9 +166,9 @@ def test_bad_input_raises_with_a_message(backend):
     ]
     for args, error, match in cases:
         with pytest.raises(error, match=match):
-            kernels.causal_attention(*args, backend=backend)
+            chargpt_kernels.causal_attention(*args, backend=backend)
     with pytest.raises(ValueError, match="dropout_p"):
-        kernels.causal_attention(q, q, q, dropout_p=1.0, backend=backend)
+        chargpt_kernels.causal_attention(q, q, q, dropout_p=1.0, backend=backend)
 
 
 def test_reference_philox_matches_known_stream():

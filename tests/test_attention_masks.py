@@ -1,7 +1,7 @@
 """Attention for today's models on every fused backend that fuses them: attn_mask (bool and additive, every
 broadcast shape, read through strides), GQA/MQA and decode shapes, forward and backward, against the float64
-reference. A backend that does not list a feature (kernels.backends SUPPORTED_FEATURES) is skipped here; what the
-drop-in does then (one warning, torch's result) is tested in test_attention.py."""
+reference. A backend that does not list a feature (chargpt_kernels.backends SUPPORTED_FEATURES) is skipped here; what
+the drop-in does then (one warning, torch's result) is tested in test_attention.py."""
 
 import warnings
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close, attention_inputs, check_against_reference
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close, attention_inputs, check_against_reference
 
 from conftest import FUSED_BACKENDS, device_dtype_params, require_attention_features
 
@@ -62,9 +62,9 @@ def check(backend, q, k, v, dtype, what, attn_mask=None, is_causal=False):
     ref_mask = attn_mask if attn_mask is None or attn_mask.dtype == torch.bool else attn_mask.double()
 
     def fused(q, k, v):
-        with kernels.use_backend(backend), warnings.catch_warnings():
+        with chargpt_kernels.use_backend(backend), warnings.catch_warnings():
             warnings.simplefilter("error")
-            return kernels.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
+            return chargpt_kernels.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal,
                                                         enable_gqa=gqa)
 
     def ref(q, k, v):
@@ -143,9 +143,9 @@ def test_decode_splits(backend, device, dtype, case, dropout_p):
 
     def fused(q, k, v):
         torch.manual_seed(5)
-        with kernels.use_backend(backend), warnings.catch_warnings():
+        with chargpt_kernels.use_backend(backend), warnings.catch_warnings():
             warnings.simplefilter("error")
-            return kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+            return chargpt_kernels.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
                                                         is_causal=is_causal, enable_gqa=hq != hk)
 
     def ref(q, k, v):
@@ -177,8 +177,8 @@ def test_decode_non_finite_key_spoils_only_its_group(backend, value):
     q, k, v = attention_inputs(1, 4, 1, 600, 32, "cpu", torch.float32, seed=8, h_kv=2, requires_grad=False)
     k = k.clone()
     k[0, 1, 400, 5] = float(value)
-    with kernels.use_backend(backend):
-        out = kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
+    with chargpt_kernels.use_backend(backend):
+        out = chargpt_kernels.scaled_dot_product_attention(q, k, v, enable_gqa=True)
     want = reference.attention(q.double(), k.double(), v.double())
     assert want[0, 2:].isnan().any() and not want[0, :2].isnan().any()
     assert torch.equal(out.isnan(), want.isnan()), f"NaN at {out.isnan().sum()} entries, float64 {want.isnan().sum()}"
@@ -189,7 +189,8 @@ def test_decode_non_finite_key_spoils_only_its_group(backend, value):
 @pytest.mark.parametrize("device,dtype", device_dtype_params())
 @pytest.mark.parametrize("kind", ["padding", "additive"])
 def test_mask_with_causal_and_dropout(backend, device, dtype, kind):
-    """causal_attention combines attn_mask with the causal mask and dropout (the mask spec of kernels.reference)."""
+    """causal_attention combines attn_mask with the causal mask and dropout (the mask spec of
+    chargpt_kernels.reference)."""
     require_attention_features(backend, device, dtype, ("mask", "gqa"))
     b, hq, hk, t, p = 3, 4, 2, 37, 0.3
     q, k, v = attention_inputs(b, hq, t, t, 24, device, dtype, seed=21, h_kv=hk)
@@ -200,7 +201,7 @@ def test_mask_with_causal_and_dropout(backend, device, dtype, kind):
 
     def fused(q, k, v):
         torch.manual_seed(99)
-        return kernels.causal_attention(q, k, v, dropout_p=p, attn_mask=mask, enable_gqa=True, backend=backend)
+        return chargpt_kernels.causal_attention(q, k, v, dropout_p=p, attn_mask=mask, enable_gqa=True, backend=backend)
 
     def ref(q, k, v):
         return reference.attention(q, k, v, True, p, None, ref_mask, dropout_mask=keep)
@@ -213,15 +214,15 @@ def test_mask_that_requires_grad_falls_back(backend, monkeypatch):
     """No gradient flows to a mask from the kernels: a mask that requires grad falls back to torch (with one
     warning), and causal_attention refuses it."""
     require_attention_features(backend, "cpu", torch.float32, ("mask",))
-    monkeypatch.setattr(kernels.api, "_warned", set())  # as in a fresh process: earlier tests may have warned
+    monkeypatch.setattr(chargpt_kernels.api, "_warned", set())  # as in a fresh process: earlier tests may have warned
     q, k, v = attention_inputs(2, 3, 9, 9, 16, "cpu", torch.float32, seed=0)
     bias = torch.randn(2, 1, 1, 9, requires_grad=True)
-    with kernels.use_backend(backend), pytest.warns(UserWarning, match="requires grad"):
-        out = kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+    with chargpt_kernels.use_backend(backend), pytest.warns(UserWarning, match="requires grad"):
+        out = chargpt_kernels.scaled_dot_product_attention(q, k, v, attn_mask=bias)
     out.sum().backward()
     torch.testing.assert_close(out, F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
     with pytest.raises(ValueError, match="must not require grad"):
-        kernels.causal_attention(q, k, v, attn_mask=bias, backend=backend)
+        chargpt_kernels.causal_attention(q, k, v, attn_mask=bias, backend=backend)
 
 
 
@@ -243,7 +244,7 @@ def test_sliding_window(backend, window, shape):
     band = (j <= i) & (j > i - window)
 
     def fused(q, k, v):
-        return kernels.causal_attention(q, k, v, backend=backend, enable_gqa=hq != hk, window=window)
+        return chargpt_kernels.causal_attention(q, k, v, backend=backend, enable_gqa=hq != hk, window=window)
 
     check_against_reference(fused, lambda q, k, v: reference.attention(q, k, v, False, 0.0, None, band),
                             (q, k, v), torch.float32, f"{backend} window {window} {shape}")
@@ -261,7 +262,7 @@ def test_sliding_window_with_a_mask(backend, kind):
     ref_mask = mask & band if kind == "padding" else mask.double().masked_fill(~band, float("-inf"))
 
     def fused(q, k, v):
-        return kernels.causal_attention(q, k, v, backend=backend, attn_mask=mask, window=9)
+        return chargpt_kernels.causal_attention(q, k, v, backend=backend, attn_mask=mask, window=9)
 
     check_against_reference(fused, lambda q, k, v: reference.attention(q, k, v, True, 0.0, None, ref_mask),
                             (q, k, v), torch.float32, f"{backend} window 9 + {kind}")
@@ -271,4 +272,4 @@ def test_sliding_window_with_a_mask(backend, kind):
 def test_sliding_window_must_be_a_positive_int(window):
     q, k, v = attention_inputs(1, 1, 4, 4, 8, "cpu", torch.float32, seed=0)
     with pytest.raises(ValueError, match="window must be a positive int"):
-        kernels.causal_attention(q, k, v, backend="eager", window=window)
+        chargpt_kernels.causal_attention(q, k, v, backend="eager", window=window)

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-import kernels
+import chargpt_kernels
 from bench import bench_attention, bench_layer_norm
-from kernels import reference
-from kernels.testing import attention_inputs, check_against_reference, layer_norm_inputs
+from chargpt_kernels import reference
+from chargpt_kernels.testing import attention_inputs, check_against_reference, layer_norm_inputs
 
 
 def test_attention_validation_rejects_a_wrong_output_and_a_wrong_dropout_mask():
@@ -15,7 +15,7 @@ def test_attention_validation_rejects_a_wrong_output_and_a_wrong_dropout_mask():
     bench_attention.validation("eager", right, q, k, v, 0.2, backward=True)()  # eager is checked at p = 0
     with pytest.raises(AssertionError, match="output"):
         bench_attention.validation("eager", lambda *a: right(*a) * 1.001, q, k, v, 0.0, backward=False)()
-    if "ext" in kernels.available_backends():  # a fused backend is checked with its dropout mask
+    if "ext" in chargpt_kernels.available_backends():  # a fused backend is checked with its dropout mask
         ext = bench_attention.attention_fn("ext")
         bench_attention.validation("ext", ext, q, k, v, 0.2, backward=True)()
         with pytest.raises(AssertionError, match="output"):

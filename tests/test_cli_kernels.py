@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from kernels import backends
+from chargpt_kernels import backends
 
 from chargpt_helpers import assert_one_line_error, small_text, train
 
@@ -37,7 +37,7 @@ def test_ext_with_float16_on_cpu_stops_at_start(tmp_path, text_file):
 def test_triton_on_cpu_without_the_interpreter_stops_at_start(tmp_path, text_file):
     result = train(*TINY, "--kernels", "triton", "--data", text_file, "--out-dir", tmp_path / "out",
                    env={"TRITON_INTERPRET": "0"})
-    assert_one_line_error(result, "chargpt.train", "kernels backend 'triton' is unavailable")
+    assert_one_line_error(result, "chargpt.train", "chargpt_kernels backend 'triton' is unavailable")
     assert not (tmp_path / "out").exists()
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import reference
+from chargpt_kernels import reference
 
 from conftest import assert_close
 
@@ -240,7 +240,7 @@ def test_attention_dropout_uses_the_specified_mask(ops, dtype, kind):
 
 def test_emulator_includes_every_cuda_source():
     """emulated_ops.cpp compiles the .cu files by #include: a new file in csrc/cuda must be added there too."""
-    from kernels import ext_build
+    from chargpt_kernels import ext_build
 
     text = (EMULATOR / "emulated_ops.cpp").read_text()
     missing = [Path(p).name for p in ext_build.cuda_sources() if f'"../../csrc/cuda/{Path(p).name}"' not in text]

@@ -21,9 +21,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
+import chargpt_kernels
+from chargpt_kernels import reference
 
+from chargpt_helpers import checkout_env
 from conftest import assert_close, require_backend
 
 ext_attention = None
@@ -33,7 +34,7 @@ ext_attention = None
 def ext():
     require_backend("ext", "cpu")
     global ext_attention
-    from kernels import ext_attention
+    from chargpt_kernels import ext_attention
 
 
 def _grads(fn, inputs, grad_out):
@@ -125,11 +126,11 @@ def test_layer_norm_of_constant_rows_is_exact(n):
     values = torch.tensor([0.1, -3.7, 1e4, 1 / 3, 2.5e-3, -0.1, 7.0, 0.3])
     x = values[:, None].expand(-1, n).contiguous()
     w, b = torch.randn(2, n, generator=torch.Generator().manual_seed(n)).unbind(0)
-    y = kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
+    y = chargpt_kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
     assert torch.equal(y, torch.zeros_like(x)), f"max |y| = {y.abs().max().item():.3g}, want exactly 0"
-    y = kernels.layer_norm(x, (n,), w, b, eps=1e-12, backend="ext")
+    y = chargpt_kernels.layer_norm(x, (n,), w, b, eps=1e-12, backend="ext")
     assert torch.equal(y, b.expand_as(x)), f"max |y - bias| = {(y - b).abs().max().item():.3g}, want exactly 0"
-    assert kernels.layer_norm(torch.full((1, 768), 0.1), (768,), eps=1e-12, backend="ext").abs().max() == 0
+    assert chargpt_kernels.layer_norm(torch.full((1, 768), 0.1), (768,), eps=1e-12, backend="ext").abs().max() == 0
 
 
 @pytest.mark.parametrize("n", [384, 4099])
@@ -139,13 +140,13 @@ def test_layer_norm_accuracy_near_constant_rows(n):
     ~4e-3 of the spread)."""
     gen = torch.Generator().manual_seed(n)
     x = 100.0 + 1e-3 * torch.randn(16, n, generator=gen)
-    y = kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
+    y = chargpt_kernels.layer_norm(x, (n,), eps=1e-12, backend="ext")
     want = reference.layer_norm(x.double(), None, None, 1e-12)
     torch.testing.assert_close(y.double(), want, rtol=0, atol=5e-3)
 
 
 def _layer_norm_loss(x, w, b):
-    return kernels.layer_norm(x, (x.shape[-1],), w, b, backend="ext").square().sum()
+    return chargpt_kernels.layer_norm(x, (x.shape[-1],), w, b, backend="ext").square().sum()
 
 
 def _attention_loss(q, k, v):
@@ -171,11 +172,11 @@ def test_double_backward_raises(op, loss, shapes):
 def test_double_backward_raises_without_weight_or_with_dropout():
     """The same through the optional inputs: LayerNorm without weight, attention with a dropout seed."""
     x = torch.randn(4, 8, requires_grad=True)
-    (g,) = torch.autograd.grad(kernels.layer_norm(x, (8,), backend="ext").square().sum(), x, create_graph=True)
+    (g,) = torch.autograd.grad(chargpt_kernels.layer_norm(x, (8,), backend="ext").square().sum(), x, create_graph=True)
     with pytest.raises(RuntimeError, match="chargpt::layer_norm: double backward is not supported"):
         torch.autograd.grad(g.sum(), x)
     q, k, v = torch.randn(3, 1, 1, 5, 8).requires_grad_().unbind(0)
-    out = kernels.causal_attention(q, k, v, dropout_p=0.3, backend="ext")
+    out = chargpt_kernels.causal_attention(q, k, v, dropout_p=0.3, backend="ext")
     (g,) = torch.autograd.grad(out.sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="chargpt::attention: double backward is not supported"):
         torch.autograd.grad(g.sum(), q)
@@ -195,8 +196,8 @@ void GOMP_parallel(void (*fn)(void*), void* data, unsigned num_threads, unsigned
 """
 
 _SMALL_AND_LARGE_JOBS = """
-import ctypes, sys, torch, kernels
-from kernels import ext_attention
+import ctypes, sys, torch, chargpt_kernels
+from chargpt_kernels import ext_attention
 count = ctypes.CDLL(None).chargpt_test_parallel_regions
 torch.set_num_threads(2)
 def regions(fn):
@@ -206,7 +207,7 @@ def regions(fn):
     return count() - before
 def layer_norm(m, n):
     x = torch.randn(m, n, requires_grad=True)
-    return lambda: kernels.layer_norm(x, (n,), torch.ones(n), torch.zeros(n), backend="ext").sum().backward()
+    return lambda: chargpt_kernels.layer_norm(x, (n,), torch.ones(n), torch.zeros(n), backend="ext").sum().backward()
 def attention(b, h, t, d):
     q, k, v = (torch.randn(b, h, t, d, requires_grad=True) for _ in range(3))
     return lambda: ext_attention.attention(q, k, v, True, 0.0, 0.125).sum().backward()
@@ -231,7 +232,7 @@ def test_small_jobs_open_no_parallel_region(tmp_path):
                             "-ldl"], capture_output=True, text=True)
     if build.returncode != 0:
         pytest.skip(f"cannot build the GOMP_parallel counter: {build.stderr[:200]}")
-    env = dict(os.environ, LD_PRELOAD=str(lib))
+    env = checkout_env(LD_PRELOAD=str(lib))
     run = subprocess.run([sys.executable, "-c", _SMALL_AND_LARGE_JOBS], env=env, capture_output=True, text=True,
                          timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -241,16 +242,16 @@ def test_small_jobs_open_no_parallel_region(tmp_path):
 
 
 _PORTABLE_BUILD_CHECK = """
-import torch, kernels
-from kernels import ext_build, reference
-from kernels.backends import unavailable_reason
+import torch, chargpt_kernels
+from chargpt_kernels import ext_build, reference
+from chargpt_kernels.backends import unavailable_reason
 assert unavailable_reason("ext") is None, unavailable_reason("ext")
 gen = torch.Generator().manual_seed(0)
 x = torch.randn(37, 300, generator=gen, requires_grad=True)
 w, b = torch.randn(2, 300, generator=gen).requires_grad_().unbind(0)
-y = kernels.layer_norm(x, (300,), w, b, backend="ext")
+y = chargpt_kernels.layer_norm(x, (300,), w, b, backend="ext")
 q, k, v = (torch.randn(2, 3, 70, 40, generator=gen, requires_grad=True) for _ in range(3))
-out = kernels.causal_attention(q, k, v, dropout_p=0.0, backend="ext")
+out = chargpt_kernels.causal_attention(q, k, v, dropout_p=0.0, backend="ext")
 got = [y, *torch.autograd.grad(y.sum(), (x, w, b)), out, *torch.autograd.grad(out.sum(), (q, k, v))]
 x64, w64, b64, q64, k64, v64 = (t.detach().double().requires_grad_() for t in (x, w, b, q, k, v))
 y64 = reference.layer_norm(x64, w64, b64, 1e-5)
@@ -283,7 +284,7 @@ def test_portable_builds_give_the_same_answers(march):
     if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
         pytest.skip("this CPU cannot run x86-64-v3 code")
     base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
-    env = dict(os.environ, CHARGPT_EXT_MARCH=march, CHARGPT_EXT_DIR=os.path.join(base, "march-check"))
+    env = checkout_env(CHARGPT_EXT_MARCH=march, CHARGPT_EXT_DIR=os.path.join(base, "march-check"))
     run = subprocess.run([sys.executable, "-c", _PORTABLE_BUILD_CHECK], env=env, capture_output=True, text=True,
                          timeout=900, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -298,7 +299,7 @@ def test_portable_builds_give_the_same_answers(march):
 
 
 def test_bad_march_value_says_so(tmp_path):
-    env = dict(os.environ, CHARGPT_EXT_MARCH="native -O0", CHARGPT_EXT_DIR=str(tmp_path))
-    code = "from kernels.backends import unavailable_reason; print(unavailable_reason('ext'))"
+    env = checkout_env(CHARGPT_EXT_MARCH="native -O0", CHARGPT_EXT_DIR=str(tmp_path))
+    code = "from chargpt_kernels.backends import unavailable_reason; print(unavailable_reason('ext'))"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert "CHARGPT_EXT_MARCH='native -O0' is not a -march value" in run.stdout, run.stdout + run.stderr[-1000:]

@@ -3,7 +3,6 @@ backward, constant rows, NaN, N up to 65,536, every gradient path, strided input
 torch.compile. CPU kernels here; the CUDA kernels get theirs in tests/test_cuda_emulated.py."""
 
 import ast
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close, check_against_reference, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close, check_against_reference, layer_norm_inputs
 
+from chargpt_helpers import checkout_env
 from conftest import require_backend
 
 FP32 = torch.float32
@@ -24,19 +24,20 @@ FP32 = torch.float32
 @pytest.fixture(scope="module", autouse=True)
 def ext():
     require_backend("ext", "cpu", ops=("rms_norm", "add_norm"))
-    from kernels import ext_layer_norm  # noqa: F401 (registers the fakes)
+    from chargpt_kernels import ext_layer_norm  # noqa: F401 (registers the fakes)
 
 
 def spec_mask(seed, shape, p):
-    """The keep-mask kernels.reference specifies for add_norm: element (i, j) of the (M, N) rows at offset i*N + j."""
+    """The keep-mask chargpt_kernels.reference specifies for add_norm: element (i, j) of the (M, N) rows at offset
+    i*N + j."""
     n = shape[-1]
     return reference.dropout_keep_mask(int(seed), 1, 1, torch.Size(shape[:-1]).numel(), n, p).view(shape)
 
 
 def add_norm_vs_reference(x, residual, w, b, norm, p, eps=1e-5, what=""):
-    """kernels.add_norm on ext against the float64 reference under the spec mask, outputs and gradients."""
+    """chargpt_kernels.add_norm on ext against the float64 reference under the spec mask, outputs and gradients."""
     def fused(x, residual, w, b):
-        return torch.cat(kernels.add_norm(x, residual, x.shape[-1:], w, b, eps, norm, p, backend="ext"), -1)
+        return torch.cat(chargpt_kernels.add_norm(x, residual, x.shape[-1:], w, b, eps, norm, p, backend="ext"), -1)
 
     def expected(x, residual, w, b):
         mask = spec_mask(reference.new_dropout_seed(x.device), x.shape, p) if p > 0 else None
@@ -103,9 +104,9 @@ def test_double_backward_is_refused(op):
     x, w, _ = layer_norm_inputs((3,), 24, "cpu", FP32, True, False, seed=1)
     residual = layer_norm_inputs((3,), 24, "cpu", FP32, False, False, seed=2)[0]
     if op == "rms_norm":
-        out = kernels.rms_norm(x, (24,), w, backend="ext")
+        out = chargpt_kernels.rms_norm(x, (24,), w, backend="ext")
     else:
-        out = torch.cat(kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="ext"), -1)
+        out = torch.cat(chargpt_kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="ext"), -1)
     leaf = residual if op == "add_norm_residual" else x
     (g,) = torch.autograd.grad((out * torch.randn(out.shape)).sum(), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
@@ -121,10 +122,10 @@ def test_constant_rows_are_exact(n):
     residual[1] = -7.3
     x = torch.zeros(3, n)
     w, b = torch.randn(n), torch.randn(n)
-    y, h = kernels.add_norm(x, residual, (n,), w, b, eps=1e-12, norm="layer", backend="ext")
+    y, h = chargpt_kernels.add_norm(x, residual, (n,), w, b, eps=1e-12, norm="layer", backend="ext")
     torch.testing.assert_close(h, residual, rtol=0, atol=0)
     torch.testing.assert_close(y, b.expand(3, n), rtol=0, atol=0)
-    y = kernels.layer_norm(residual, (n,), w, b, eps=1e-12, backend="ext")  # the shared statistics helper
+    y = chargpt_kernels.layer_norm(residual, (n,), w, b, eps=1e-12, backend="ext")  # the shared statistics helper
     torch.testing.assert_close(y, b.expand(3, n), rtol=0, atol=0)
 
 
@@ -146,7 +147,7 @@ def test_nan_propagates_even_where_dropout_drops_it(norm):
     y, h = out[:, :40], out[:, 40:]
     assert torch.isnan(h[1, dropped]) and torch.isnan(y[1]).all()
     assert torch.isfinite(y[[0, 2, 3]]).all() and torch.isfinite(h[[0, 2, 3]]).all()
-    y = kernels.rms_norm(x.detach(), (40,), w.detach(), backend="ext")
+    y = chargpt_kernels.rms_norm(x.detach(), (40,), w.detach(), backend="ext")
     assert torch.isnan(y[1]).all() and torch.isfinite(y[[0, 2, 3]]).all()
 
 
@@ -155,7 +156,7 @@ def test_rows_up_to_65536(n):
     x, w, b = layer_norm_inputs((3,), n, "cpu", FP32, True, True, seed=n)
     residual = layer_norm_inputs((3,), n, "cpu", FP32, False, False, seed=n + 1)[0]
     add_norm_vs_reference(x, residual, w, b, "layer", 0.1, what=f"add_norm n={n}")
-    check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
+    check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
                             lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w), FP32, f"rms_norm n={n}")
 
 
@@ -168,7 +169,7 @@ def test_gradients_when_only_one_output_is_used(used, dropout_p):
     pick = 0 if used == "y" else 1
 
     def fused(x, residual, w, b):
-        return kernels.add_norm(x, residual, (48,), w, b, 1e-5, "layer", dropout_p, backend="ext")[pick]
+        return chargpt_kernels.add_norm(x, residual, (48,), w, b, 1e-5, "layer", dropout_p, backend="ext")[pick]
 
     def expected(x, residual, w, b):
         mask = spec_mask(reference.new_dropout_seed(x.device), x.shape, dropout_p) if dropout_p else None
@@ -179,7 +180,7 @@ def test_gradients_when_only_one_output_is_used(used, dropout_p):
     check_against_reference(fused, expected, (x, residual, w, b), FP32, f"only {used}")
     if used == "h":  # y unused: weight and bias get no gradient at all
         w, b = w.requires_grad_(), b.requires_grad_()
-        y, h = kernels.add_norm(x, residual, (48,), w, b, 1e-5, "layer", dropout_p, backend="ext")
+        y, h = chargpt_kernels.add_norm(x, residual, (48,), w, b, 1e-5, "layer", dropout_p, backend="ext")
         assert torch.autograd.grad(h.sum(), (w, b), allow_unused=True) == (None, None)
 
 
@@ -193,7 +194,7 @@ def test_strided_and_expanded_inputs(norm):
     b = torch.randn(56, generator=gen).requires_grad_() if norm == "layer" else None
 
     def fused(x, residual_row, w, b):
-        y, h = kernels.add_norm(x, residual_row.expand(9, 56), (56,), w, b, 1e-5, norm, 0.2, backend="ext")
+        y, h = chargpt_kernels.add_norm(x, residual_row.expand(9, 56), (56,), w, b, 1e-5, norm, 0.2, backend="ext")
         return torch.cat([y, h], -1)
 
     def expected(x, residual_row, w, b):
@@ -203,7 +204,7 @@ def test_strided_and_expanded_inputs(norm):
 
     check_against_reference(fused, expected, (x, residual_row, w, b), FP32, f"strided {norm}")
     w_strided = torch.randn(112, generator=gen)[::2]
-    check_against_reference(lambda x, w: kernels.rms_norm(x, (56,), w, 1e-6, backend="ext"),
+    check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (56,), w, 1e-6, backend="ext"),
                             lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w_strided.requires_grad_()), FP32,
                             "strided rms_norm")
 
@@ -219,9 +220,9 @@ def test_results_do_not_depend_on_the_thread_count(dtype):
 
     def run():
         torch.manual_seed(0)
-        out = torch.cat(kernels.add_norm(x, residual, (384,), w, b, 1e-5, "layer", 0.2, backend="ext"), -1)
-        rms = kernels.rms_norm(x, (384,), w, backend="ext")
-        ln = kernels.layer_norm(x, (384,), w, b, backend="ext")
+        out = torch.cat(chargpt_kernels.add_norm(x, residual, (384,), w, b, 1e-5, "layer", 0.2, backend="ext"), -1)
+        rms = chargpt_kernels.rms_norm(x, (384,), w, backend="ext")
+        ln = chargpt_kernels.layer_norm(x, (384,), w, b, backend="ext")
         return [out, rms, ln, *torch.autograd.grad(out, (x, residual, w, b), grad),
                 *torch.autograd.grad(rms, (x, w), grad[:, :384]), *torch.autograd.grad(ln, (x, w, b), grad[:, :384])]
 
@@ -243,8 +244,8 @@ def test_torch_compile_traces_the_ops():
     residual = layer_norm_inputs((12,), 32, "cpu", FP32, False, False, seed=12)[0]
 
     def block(x, residual, w, b):
-        y, h = kernels.ext_layer_norm.add_norm(x, residual, w, b, 1e-5, "layer", 0.0)
-        return kernels.ext_layer_norm.rms_norm(y, w, 1e-6) + h
+        y, h = chargpt_kernels.ext_layer_norm.add_norm(x, residual, w, b, 1e-5, "layer", 0.0)
+        return chargpt_kernels.ext_layer_norm.rms_norm(y, w, 1e-6) + h
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)
     want = block(x, residual, w, b)
@@ -258,12 +259,12 @@ def test_torch_compile_traces_the_ops():
 
 def test_rms_norm_eps_none_is_torchs_default():
     x = layer_norm_inputs((4,), 16, "cpu", FP32, False, False, seed=13, requires_grad=False)[0] * 1e-4
-    assert_close(kernels.rms_norm(x, (16,), backend="ext"), F.rms_norm(x.double(), (16,), eps=torch.finfo(FP32).eps),
-                 FP32, "eps None")
+    assert_close(chargpt_kernels.rms_norm(x, (16,), backend="ext"),
+                 F.rms_norm(x.double(), (16,), eps=torch.finfo(FP32).eps), FP32, "eps None")
 
 
 _SMALL_AND_LARGE_NORMS = """
-import ctypes, torch, kernels
+import ctypes, torch, chargpt_kernels
 count = ctypes.CDLL(None).chargpt_test_parallel_regions
 torch.set_num_threads(2)
 def regions(fn):
@@ -273,11 +274,11 @@ def regions(fn):
     return count() - before
 def rms_norm(m, n):
     x = torch.randn(m, n, requires_grad=True)
-    return lambda: kernels.rms_norm(x, (n,), torch.ones(n), backend="ext").sum().backward()
+    return lambda: chargpt_kernels.rms_norm(x, (n,), torch.ones(n), backend="ext").sum().backward()
 def add_norm(m, n, p):
     x, r = torch.randn(m, n, requires_grad=True), torch.randn(m, n, requires_grad=True)
     def run():  # no torch.cat: torch's own ops past its grain would open regions of their own
-        y, h = kernels.add_norm(x, r, (n,), torch.ones(n), torch.zeros(n), dropout_p=p, backend="ext")
+        y, h = chargpt_kernels.add_norm(x, r, (n,), torch.ones(n), torch.zeros(n), dropout_p=p, backend="ext")
         (y.sum() + h.sum()).backward()
     return run
 small = {"rms_norm 64x384": rms_norm(64, 384), "add_norm 40x768": add_norm(40, 768, 0.0),
@@ -301,7 +302,7 @@ def test_small_jobs_open_no_parallel_region(tmp_path):
                             "-ldl"], capture_output=True, text=True)
     if build.returncode != 0:
         pytest.skip(f"cannot build the GOMP_parallel counter: {build.stderr[:200]}")
-    run = subprocess.run([sys.executable, "-c", _SMALL_AND_LARGE_NORMS], env=dict(os.environ, LD_PRELOAD=str(lib)),
+    run = subprocess.run([sys.executable, "-c", _SMALL_AND_LARGE_NORMS], env=checkout_env(LD_PRELOAD=str(lib)),
                          capture_output=True, text=True, timeout=600, cwd=Path(__file__).resolve().parent.parent)
     assert run.returncode == 0, run.stderr[-2000:]
     small, large = (ast.literal_eval(line) for line in run.stdout.strip().splitlines()[-2:])

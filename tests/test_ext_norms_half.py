@@ -12,9 +12,9 @@ import torch.nn.functional as F
 from test_ext_norms import spec_mask
 from test_norms import add_norm_case
 
-import kernels
-from kernels import backends, reference
-from kernels.testing import assert_close, check_against_reference, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import backends, reference
+from chargpt_kernels.testing import assert_close, check_against_reference, layer_norm_inputs
 
 from conftest import require_backend
 
@@ -26,7 +26,7 @@ OPS = ("layer_norm", "rms_norm", "add_norm")
 @pytest.fixture(scope="module", autouse=True)
 def ext():
     require_backend("ext", "cpu", ops=OPS)
-    from kernels import ext_layer_norm  # noqa: F401 (registers the fakes)
+    from chargpt_kernels import ext_layer_norm  # noqa: F401 (registers the fakes)
 
 
 @pytest.mark.parametrize("dtype", HALF)
@@ -44,7 +44,7 @@ def test_auto_picks_ext_for_16_bit_norms_on_cpu(dtype):
 @pytest.mark.parametrize("n", N_ODD)
 def test_layer_norm_matches_reference(dtype, weight, bias, n):
     x, w, b = layer_norm_inputs((3, 5), n, "cpu", dtype, weight, bias, seed=n, contiguous=(n % 2 == 0))
-    y = check_against_reference(lambda x, w, b: kernels.layer_norm(x, (n,), w, b, eps=1e-5, backend="ext"),
+    y = check_against_reference(lambda x, w, b: chargpt_kernels.layer_norm(x, (n,), w, b, eps=1e-5, backend="ext"),
                                 lambda x, w, b: reference.layer_norm(x, w, b, eps=1e-5), (x, w, b), dtype,
                                 f"layer_norm {dtype} n={n}")
     assert y.dtype == dtype and y.shape == x.shape
@@ -55,7 +55,7 @@ def test_layer_norm_matches_reference(dtype, weight, bias, n):
 @pytest.mark.parametrize("n", N_ODD)
 def test_rms_norm_matches_reference(dtype, weight, n):
     x, w, _ = layer_norm_inputs((3, 5), n, "cpu", dtype, weight, False, seed=n, contiguous=(n % 2 == 0))
-    y = check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
+    y = check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
                                 lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w), dtype, f"rms_norm {dtype} n={n}")
     assert y.dtype == dtype and y.shape == x.shape
 
@@ -89,7 +89,7 @@ def test_strided_and_expanded_inputs(dtype, norm):
     b = torch.randn(n, generator=gen).to(dtype).requires_grad_() if norm == "layer" else None
 
     def fused(x, residual_row, w, b):
-        y, h = kernels.add_norm(x, residual_row.expand(9, n), (n,), w, b, 1e-5, norm, 0.2, backend="ext")
+        y, h = chargpt_kernels.add_norm(x, residual_row.expand(9, n), (n,), w, b, 1e-5, norm, 0.2, backend="ext")
         return torch.cat([y, h], -1)
 
     def expected(x, residual_row, w, b):
@@ -100,11 +100,11 @@ def test_strided_and_expanded_inputs(dtype, norm):
     for xi in (x, xt):
         check_against_reference(fused, expected, (xi, residual_row, w, b), dtype, f"strided add_norm {norm}")
         if norm == "layer":
-            check_against_reference(lambda x, w, b: kernels.layer_norm(x, (n,), w, b, backend="ext"),
+            check_against_reference(lambda x, w, b: chargpt_kernels.layer_norm(x, (n,), w, b, backend="ext"),
                                     lambda x, w, b: reference.layer_norm(x, w, b), (xi, w, b), dtype,
                                     "strided layer_norm")
         else:
-            check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
+            check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
                                     lambda x, w: reference.rms_norm(x, w, 1e-6), (xi, w), dtype, "strided rms_norm")
 
 
@@ -130,18 +130,18 @@ def test_non_finite_values_propagate_like_torch(dtype, op, value):
         if t is not None:
             t.requires_grad_()
     if op == "layer_norm":
-        out = check_against_reference(lambda x, w, b: kernels.layer_norm(x, (n,), w, b, backend="ext"),
+        out = check_against_reference(lambda x, w, b: chargpt_kernels.layer_norm(x, (n,), w, b, backend="ext"),
                                       lambda x, w, b: reference.layer_norm(x, w, b), (x, w, b), dtype, op)
         torch_out = F.layer_norm(x, (n,), w, b)
     elif op == "rms_norm":
-        out = check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
+        out = check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="ext"),
                                       lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w), dtype, op)
         torch_out = F.rms_norm(x, (n,), w, 1e-6)
     else:
         norm = op.split("-")[1]
 
         def fused(x, residual, w, b):
-            return torch.cat(kernels.add_norm(x, residual, (n,), w, b, 1e-5, norm, 0.5, backend="ext"), -1)
+            return torch.cat(chargpt_kernels.add_norm(x, residual, (n,), w, b, 1e-5, norm, 0.5, backend="ext"), -1)
 
         def expected(x, residual, w, b):
             keep = spec_mask(reference.new_dropout_seed(x.device), x.shape, 0.5)
@@ -176,12 +176,12 @@ def test_outputs_round_like_torch(dtype, n):
     ties to even, overflow to inf and subnormals included. y with weight 0 is the bias itself, subnormal ones too."""
     x, residual = _magnitudes(dtype, n, seed=1), _magnitudes(dtype, n, seed=2)
     for norm in ("layer", "rms"):
-        y, h = kernels.add_norm(x, residual, (n,), norm=norm, backend="ext")
+        y, h = chargpt_kernels.add_norm(x, residual, (n,), norm=norm, backend="ext")
         want = (x.float() + residual.float()).to(dtype)
         assert torch.equal(h.view(torch.int16), want.view(torch.int16)), f"{norm}: h rounded unlike torch"
     bias = _magnitudes(dtype, n, seed=3)[[0, 1, 2]]  # subnormal, small normal and ~1 biases
     for row in bias:
-        y = kernels.layer_norm(x[2:3].expand(4, n), (n,), torch.zeros(n, dtype=dtype), row, backend="ext")
+        y = chargpt_kernels.layer_norm(x[2:3].expand(4, n), (n,), torch.zeros(n, dtype=dtype), row, backend="ext")
         assert torch.equal(y, row.expand(4, n))  # by value: 0 * xhat + (-0.0) is +0.0, as in any float math
 
 
@@ -239,11 +239,11 @@ def test_mixed_dtypes_raise():
 
 
 def test_modules_in_bf16_match_torchs():
-    """kernels.LayerNorm/RMSNorm cast to bfloat16 (auto picks ext) against float64 math on the same parameters, and
-    against torch's own bf16 modules (which are as far from float64 as a bf16 result is)."""
+    """chargpt_kernels.LayerNorm/RMSNorm cast to bfloat16 (auto picks ext) against float64 math on the same parameters,
+    and against torch's own bf16 modules (which are as far from float64 as a bf16 result is)."""
     torch.manual_seed(0)
     x = (torch.randn(8, 96) * 2 + 0.5).bfloat16()
-    for fused, ref in ((kernels.LayerNorm(96), torch.nn.LayerNorm(96)), (kernels.RMSNorm(96, eps=1e-6),
+    for fused, ref in ((chargpt_kernels.LayerNorm(96), torch.nn.LayerNorm(96)), (chargpt_kernels.RMSNorm(96, eps=1e-6),
                                                                           torch.nn.RMSNorm(96, eps=1e-6))):
         with torch.no_grad():
             ref.weight.normal_()

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from kernels import ext_build
+from chargpt_kernels import ext_build
 
 ARCHS = ("80", "90")
 MAX_SPILL_BYTES = 0  # every kernel fits its registers (the launch bounds in the .cu files say how)

@@ -1,7 +1,6 @@
 """The `ext` backend's own contract: the raw chargpt ops pass torch.library.opcheck, run under
 torch.compile(fullgraph=True), give the same bits for 1 and 2 threads, and reject bad input with a message."""
 
-import os
 import subprocess
 import sys
 
@@ -9,9 +8,10 @@ import pytest
 import torch
 import torch.nn as nn
 
-import kernels
-from kernels import reference
+import chargpt_kernels
+from chargpt_kernels import reference
 
+from chargpt_helpers import checkout_env
 from conftest import require_backend
 
 ext_attention = ext_layer_norm = None  # imported by the fixture, once the extension is known to load
@@ -21,7 +21,7 @@ ext_attention = ext_layer_norm = None  # imported by the fixture, once the exten
 def ext():
     require_backend("ext", "cpu")
     global ext_attention, ext_layer_norm
-    from kernels import ext_attention, ext_layer_norm  # registers the fakes and autograd formulas
+    from chargpt_kernels import ext_attention, ext_layer_norm  # registers the fakes and autograd formulas
 
 
 def _qkv(b, h, tq, tk, d, seed=0, grad=True):
@@ -56,7 +56,7 @@ def test_opcheck_attention(is_causal, dropout_p, tk):
 
 class TinyBlock(nn.Module):
     """A pre-LN attention block on the ext backend's interface functions (called directly: the dispatch in
-    kernels.backends imports modules and sets a ContextVar, which dynamo does not trace)."""
+    chargpt_kernels.backends imports modules and sets a ContextVar, which dynamo does not trace)."""
 
     def __init__(self, c=32, heads=4):
         super().__init__()
@@ -94,17 +94,17 @@ def _run_everything():
     results = []
     x = torch.randn(4099, 384, generator=torch.Generator().manual_seed(1)).requires_grad_()
     w, b = torch.randn(2, 384, generator=torch.Generator().manual_seed(2)).requires_grad_().unbind(0)
-    y = kernels.layer_norm(x, (384,), w, b, backend="ext")
+    y = chargpt_kernels.layer_norm(x, (384,), w, b, backend="ext")
     results += [y, *torch.autograd.grad(y, (x, w, b), torch.ones_like(y) + x.detach())]
     for dropout_p in (0.0, 0.2):
         q, k, v = _qkv(2, 3, 200, 200, 64, seed=3)
         torch.manual_seed(5)
-        out = kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend="ext")
+        out = chargpt_kernels.causal_attention(q, k, v, dropout_p=dropout_p, backend="ext")
         results += [out, *torch.autograd.grad(out, (q, k, v), torch.ones_like(out) + q.detach())]
     # Decoding: one query against 1001 keys, GQA 6/2, whose few tasks split their keys (flash-decoding).
     q, k, v = _qkv(1, 6, 1, 1001, 64, seed=4, grad=False)
-    with kernels.use_backend("ext"):
-        results.append(kernels.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True))
+    with chargpt_kernels.use_backend("ext"):
+        results.append(chargpt_kernels.scaled_dot_product_attention(q, k[:, :2], v[:, :2], enable_gqa=True))
     return results
 
 
@@ -163,7 +163,7 @@ def test_causal_with_more_queries_than_keys_and_long_rows():
     """Tq != Tk in both directions past a tile edge, against the float64 reference."""
     for tq, tk in ((130, 70), (70, 130)):
         q, k, v = _qkv(1, 2, tq, tk, 48, seed=tq)
-        out = kernels.causal_attention(q, k, v, backend="ext")
+        out = chargpt_kernels.causal_attention(q, k, v, backend="ext")
         grads = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
         q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
         ref = reference.attention(q64, k64, v64, True)
@@ -175,18 +175,18 @@ def test_causal_with_more_queries_than_keys_and_long_rows():
 
 @pytest.mark.parametrize("how", ["switched-off", "build-fails"])
 def test_kernels_work_without_the_extension(tmp_path, how):
-    """No extension: `import kernels` still works, 'ext' is not listed, and asking for it says why."""
-    env = dict(os.environ, CHARGPT_EXT_DIR=str(tmp_path / "ext"))
+    """No extension: `import chargpt_kernels` still works, 'ext' is not listed, and asking for it says why."""
+    env = checkout_env(CHARGPT_EXT_DIR=str(tmp_path / "ext"))
     if how == "switched-off":
         env["CHARGPT_EXT"] = "0"
     else:  # a fresh build folder and a compiler that always fails
         env["CXX"] = "false"
-    code = ("import torch, kernels\n"
-            "print(kernels.available_backends())\n"
-            "y = kernels.layer_norm(torch.randn(2, 4), (4,))\n"  # auto falls back to eager
-            "kernels.layer_norm(torch.randn(2, 4), (4,), backend='ext')\n")
+    code = ("import torch, chargpt_kernels\n"
+            "print(chargpt_kernels.available_backends())\n"
+            "y = chargpt_kernels.layer_norm(torch.randn(2, 4), (4,))\n"  # auto falls back to eager
+            "chargpt_kernels.layer_norm(torch.randn(2, 4), (4,), backend='ext')\n")
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode != 0
     assert "'ext'" not in run.stdout.splitlines()[0] and "'eager'" in run.stdout, run.stdout
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("kernels.runtime.BackendUnavailable: kernels backend 'ext' is unavailable"), last
+    assert last.startswith("chargpt_kernels.runtime.BackendUnavailable: kernels backend 'ext' is unavailable"), last

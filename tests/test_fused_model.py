@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
+import chargpt_kernels
 from chargpt.model import ModelConfig, build_model
 
 from conftest import FUSED_BACKENDS, assert_close, require_backend
@@ -93,7 +93,7 @@ def test_generate_decodes_through_the_backends_attention(monkeypatch, backend):
     torch's fallback or eager, and greedy decoding gives eager's tokens."""
     require_backend(backend, DEVICE)
     fallbacks, chosen = [], []
-    torch_sdpa, choose = kernels.api._torch_sdpa, kernels.backends.choose
+    torch_sdpa, choose = chargpt_kernels.api._torch_sdpa, chargpt_kernels.backends.choose
 
     def counting_sdpa(*args, **kwargs):
         fallbacks.append(args[0].shape)
@@ -109,8 +109,8 @@ def test_generate_decodes_through_the_backends_attention(monkeypatch, backend):
     fused.load_state_dict(eager.state_dict())
     prompt, new_tokens = batch(size=2)[0][:, :5], 10
     want = eager.generate(prompt, new_tokens, temperature=0)
-    monkeypatch.setattr(kernels.api, "_torch_sdpa", counting_sdpa)
-    monkeypatch.setattr(kernels.backends, "choose", recording)
+    monkeypatch.setattr(chargpt_kernels.api, "_torch_sdpa", counting_sdpa)
+    monkeypatch.setattr(chargpt_kernels.backends, "choose", recording)
     got = fused.generate(prompt, new_tokens, temperature=0)
     assert fallbacks == []
     assert {name for name, _ in chosen} == {backend}
@@ -143,11 +143,11 @@ def test_a_foreign_model_uses_the_kernels_through_patch_model(backend):
     require_backend(backend, DEVICE)
     torch.manual_seed(0)
     reference = ForeignBlock().to(DEVICE)
-    patched = kernels.patch_model(copy.deepcopy(reference), backend=backend)
-    patched.sdpa = kernels.scaled_dot_product_attention
-    assert isinstance(patched.norm, kernels.LayerNorm) and isinstance(patched.final, kernels.LayerNorm)
+    patched = chargpt_kernels.patch_model(copy.deepcopy(reference), backend=backend)
+    patched.sdpa = chargpt_kernels.scaled_dot_product_attention
+    assert isinstance(patched.norm, chargpt_kernels.LayerNorm) and isinstance(patched.final, chargpt_kernels.LayerNorm)
     x = torch.randn(3, 21, 40, device=DEVICE, requires_grad=True)
-    with kernels.use_backend(backend):
+    with chargpt_kernels.use_backend(backend):
         got = patched(x)
     want = reference(x)
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)

@@ -1,4 +1,4 @@
-"""chargpt's GPT on its add_norm path (each residual add, its dropout and the next norm in one kernels.add_norm)
+"""chargpt's GPT on its add_norm path (each residual add, its dropout and the next norm in one chargpt_kernels.add_norm)
 against its plain path: the same logits and gradients, the same learning with dropout, the same checkpoints, a
 working KV cache; and the models that must keep the plain path (eager, a backend without add_norm, the ladder's
 rungs without residual paths, norms or MLPs) keep it."""
@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import chargpt.model
-import kernels
+import chargpt_kernels
 from chargpt.model import ModelConfig, build_model
 from chargpt.presets import get_preset
 
@@ -35,14 +35,14 @@ def batch(config, seed=1, size=4):
 
 @pytest.fixture
 def add_norm_calls(monkeypatch):
-    """The dropout_p of every kernels.add_norm call the model makes."""
-    calls, add_norm = [], kernels.add_norm
+    """The dropout_p of every chargpt_kernels.add_norm call the model makes."""
+    calls, add_norm = [], chargpt_kernels.add_norm
 
     def counting(*args, **kwargs):
         calls.append(kwargs["dropout_p"])
         return add_norm(*args, **kwargs)
 
-    monkeypatch.setattr(kernels, "add_norm", counting)
+    monkeypatch.setattr(chargpt_kernels, "add_norm", counting)
     return calls
 
 
@@ -92,7 +92,7 @@ def test_the_model_uses_add_norm_only_where_a_fused_kernel_runs_it(add_norm_call
     x, y = batch(TINY, size=1)
     _, loss = model(x, y)
     loss.backward()
-    has_kernel = backend != "eager" and hasattr(importlib.import_module("kernels.ext_layer_norm"), "add_norm")
+    has_kernel = backend != "eager" and hasattr(importlib.import_module("chargpt_kernels.ext_layer_norm"), "add_norm")
     assert len(add_norm_calls) == (ADDS_PER_FORWARD if has_kernel else 0)
 
 
@@ -173,7 +173,7 @@ def test_kv_cache_on_the_add_norm_path():
     config = replace(TINY, block_size=24)
     fused, plain = gpt(config, use_add_norm=True).eval(), gpt(config, use_add_norm=False).eval()
     idx = torch.randint(65, (2, 12), generator=torch.Generator().manual_seed(2))
-    with torch.no_grad(), kernels.use_backend(config.kernels):
+    with torch.no_grad(), chargpt_kernels.use_backend(config.kernels):
         full, _ = fused(idx)
         logits, cache = fused.next_token_logits(idx[:, :6])
         steps = [logits]

@@ -9,10 +9,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import check_against_reference, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import check_against_reference, layer_norm_inputs
 
+from chargpt_helpers import checkout_env
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
 AFFINE = [(True, True), (True, False), (False, True), (False, False)]
@@ -25,8 +26,8 @@ AFFINE = [(True, True), (True, False), (False, True), (False, False)]
 def test_matches_reference(backend, device, dtype, weight, bias, n):
     require_backend(backend, device, dtype, ops=("layer_norm",))
     x, w, b = layer_norm_inputs((3, 5), n, device, dtype, weight, bias, seed=n, contiguous=(n % 2 == 0))
-    with kernels.use_backend(backend):
-        y = check_against_reference(lambda x, w, b: kernels.layer_norm(x, (n,), w, b, eps=1e-5),
+    with chargpt_kernels.use_backend(backend):
+        y = check_against_reference(lambda x, w, b: chargpt_kernels.layer_norm(x, (n,), w, b, eps=1e-5),
                                     lambda x, w, b: reference.layer_norm(x, w, b, eps=1e-5), (x, w, b), dtype,
                                     f"{backend} n={n}")
     assert y.dtype == dtype and y.shape == x.shape
@@ -37,7 +38,7 @@ def test_multi_dim_normalized_shape_and_many_rows(backend):
     require_backend(backend, "cpu")
     x = torch.randn(300, 4, 6, dtype=torch.float32, requires_grad=True)
     w = torch.randn(4, 6, requires_grad=True)
-    y = kernels.layer_norm(x, (4, 6), w, None, 1e-3, backend=backend)
+    y = chargpt_kernels.layer_norm(x, (4, 6), w, None, 1e-3, backend=backend)
     y.sum().backward()
     want = F.layer_norm(x.double(), (4, 6), w.double(), None, 1e-3)
     assert_close(y, want, torch.float32, f"{backend} (4, 6)")
@@ -51,7 +52,7 @@ def test_cuda_matches_torch_layer_norm(backend):
     require_backend(backend, "cuda")
     for dtype in (torch.float32, torch.float16, torch.bfloat16):
         x, w, b = layer_norm_inputs((16384,), 384, "cuda", dtype, True, True, seed=1)
-        y = kernels.layer_norm(x, (384,), w, b, backend=backend)
+        y = chargpt_kernels.layer_norm(x, (384,), w, b, backend=backend)
         assert_close(y, F.layer_norm(x.double(), (384,), w.double(), b.double()), dtype, f"{backend} vs F")
 
 
@@ -61,12 +62,12 @@ def test_layer_norm_module_is_a_drop_in():
     with torch.no_grad():
         ref.weight.normal_()
         ref.bias.normal_()
-    fused = kernels.LayerNorm(24)
+    fused = chargpt_kernels.LayerNorm(24)
     fused.load_state_dict(ref.state_dict())
     assert list(fused.state_dict()) == list(ref.state_dict())
     x = torch.randn(5, 24)
     torch.testing.assert_close(fused(x), ref(x))
-    no_bias = kernels.LayerNorm(24, bias=False)
+    no_bias = chargpt_kernels.LayerNorm(24, bias=False)
     assert no_bias.bias is None and list(no_bias.state_dict()) == ["weight"]
 
 
@@ -78,12 +79,12 @@ def test_patch_model_swaps_every_layer_norm_and_keeps_parameters():
     x = torch.randn(4, 8)
     before = model(x)
     params = [p for p in model.parameters()]
-    kernels.patch_model(model, backend="eager")
-    assert isinstance(model[1], kernels.LayerNorm) and isinstance(model[2][1], kernels.LayerNorm)
+    chargpt_kernels.patch_model(model, backend="eager")
+    assert isinstance(model[1], chargpt_kernels.LayerNorm) and isinstance(model[2][1], chargpt_kernels.LayerNorm)
     assert [p for p in model.parameters()] == params  # the same objects, so an existing optimizer keeps working
     torch.testing.assert_close(model(x), before)
     with pytest.raises(TypeError, match="contains"):
-        kernels.patch_model(nn.LayerNorm(4))
+        chargpt_kernels.patch_model(nn.LayerNorm(4))
 
 
 @pytest.mark.parametrize("backend", ("eager",) + FUSED_BACKENDS)
@@ -100,17 +101,16 @@ def test_bad_input_raises_with_a_message(backend):
     ]
     for args, error, match in cases:
         with pytest.raises(error, match=match):
-            kernels.layer_norm(*args, backend=backend)
+            chargpt_kernels.layer_norm(*args, backend=backend)
 
 
 def test_backend_selection_errors_are_clear():
-    with pytest.raises(ValueError, match="unknown kernels backend"):
-        with kernels.use_backend("fast"):
+    with pytest.raises(ValueError, match="unknown chargpt_kernels backend"):
+        with chargpt_kernels.use_backend("fast"):
             pass
-    assert "eager" in kernels.available_backends()
+    assert "eager" in chargpt_kernels.available_backends()
     # Triton asked for a CPU tensor without the interpreter: a fresh process, since this one set TRITON_INTERPRET.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["CUDA_VISIBLE_DEVICES"] = ""
-    code = "import torch, kernels; kernels.layer_norm(torch.randn(2, 4), (4,), backend='triton')"
+    env = checkout_env({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}, CUDA_VISIBLE_DEVICES="")
+    code = "import torch, chargpt_kernels; chargpt_kernels.layer_norm(torch.randn(2, 4), (4,), backend='triton')"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert run.returncode != 0 and "TRITON_INTERPRET" in run.stderr.splitlines()[-1], run.stderr

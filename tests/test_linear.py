@@ -1,6 +1,6 @@
-"""kernels.linear: the ext CPU GEMV (csrc/cpu/linear.cpp) for the few rows of decoding against the float64 reference,
-on odd shapes and strided inputs, with gradients; torch's GEMM past GEMV_MAX_ROWS rows; NaN/inf, empty inputs, bad
-input, the thread count, opcheck and torch.compile; and the GPT decoding through it."""
+"""chargpt_kernels.linear: the ext CPU GEMV (csrc/cpu/linear.cpp) for the few rows of decoding against the float64
+reference, on odd shapes and strided inputs, with gradients; torch's GEMM past GEMV_MAX_ROWS rows; NaN/inf, empty
+inputs, bad input, the thread count, opcheck and torch.compile; and the GPT decoding through it."""
 
 import dataclasses
 
@@ -8,9 +8,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import backends, reference
-from kernels.testing import assert_close, check_against_reference
+import chargpt_kernels
+from chargpt_kernels import backends, reference
+from chargpt_kernels.testing import assert_close, check_against_reference
 
 from conftest import require_backend
 
@@ -20,7 +20,7 @@ FP32 = torch.float32
 @pytest.fixture(scope="module")
 def ext_linear():
     require_backend("ext", "cpu", ops=("linear",))
-    from kernels import ext_linear
+    from chargpt_kernels import ext_linear
 
     return ext_linear
 
@@ -35,7 +35,7 @@ def linear_inputs(lead, k, n, bias, seed, requires_grad=True):
 
 
 def fused_linear(x, w, b):
-    return kernels.linear(x, w, b, backend="ext")
+    return chargpt_kernels.linear(x, w, b, backend="ext")
 
 
 @pytest.mark.parametrize("rows", [1, 3, 4, 7, 8])
@@ -101,15 +101,15 @@ def test_empty_inputs_give_torchs_result(ext_linear, shape):
 def test_bad_input_raises_clear_errors(ext_linear):
     x, w = torch.randn(2, 8), torch.randn(5, 8)
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.linear(x, torch.randn(5, 7))
+        chargpt_kernels.linear(x, torch.randn(5, 7))
     with pytest.raises(ValueError, match="do not fit"):
-        kernels.linear(x, torch.randn(8))
+        chargpt_kernels.linear(x, torch.randn(8))
     with pytest.raises(ValueError, match=r"bias must have shape \(5,\)"):
-        kernels.linear(x, w, torch.randn(4))
+        chargpt_kernels.linear(x, w, torch.randn(4))
     with pytest.raises(TypeError, match="weight is torch.float64"):
-        kernels.linear(x, w.double())
+        chargpt_kernels.linear(x, w.double())
     with pytest.raises(TypeError, match="floating-point"):
-        kernels.linear(x.long(), w)
+        chargpt_kernels.linear(x.long(), w)
     # The raw op checks too, and names the dtype its CPU kernel takes.
     with pytest.raises(RuntimeError, match="takes float32"):
         torch.ops.chargpt.linear_fwd(x.double(), w.double(), None)

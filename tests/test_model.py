@@ -7,14 +7,14 @@ from dataclasses import replace
 import pytest
 import torch
 
-import kernels
+import chargpt_kernels
 from chargpt import ChargptError
 from chargpt.kernel_choice import choose_kernels
 from chargpt.model import GPT, ModelConfig, build_model, has_fused_kernel, kernel_dtypes
 from chargpt.presets import PRESETS, get_preset
-from kernels import backends
+from chargpt_kernels import backends
 
-BACKENDS = kernels.available_backends()  # eager always; ext and triton (interpreted on CPU) when they load
+BACKENDS = chargpt_kernels.available_backends()  # eager always; ext and triton (interpreted on CPU) when they load
 # Exact-token generation: backends computing in exact float32 on CPU. Triton is left out: its interpreter is too
 # slow for hundreds of launches, and on a GPU its TF32 dots can flip near-tied tokens; its decode path is checked
 # against full logits below.
@@ -105,7 +105,7 @@ def test_cached_decoding_matches_full_logits(backend):
     torch.manual_seed(0)
     model = build_model(config).to(device).eval()
     idx = torch.randint(65, (2, 10), device=device)
-    with torch.no_grad(), kernels.use_backend(backend):
+    with torch.no_grad(), chargpt_kernels.use_backend(backend):
         full, _ = model(idx)
         logits, cache = model.next_token_logits(idx[:, :6])
         steps = [logits]
@@ -164,7 +164,7 @@ def test_choose_kernels():
     assert choose_kernels("eager", "cpu", F32).name == "eager"
     assert choose_kernels("auto", "cpu", F32).name in ("ext", "eager")
     assert choose_kernels("eager", "cpu", BF16_ATTENTION).by_op == {"attention": "eager", "layer_norm": "eager"}
-    with pytest.raises(ChargptError, match="unknown kernels backend"):
+    with pytest.raises(ChargptError, match="unknown chargpt_kernels backend"):
         choose_kernels("fast", "cpu", F32)
 
 

@@ -6,9 +6,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import check_against_reference, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import check_against_reference, layer_norm_inputs
 
 from conftest import FUSED_BACKENDS, assert_close, device_dtype_params, require_backend
 
@@ -30,7 +30,7 @@ def test_rms_norm_matches_reference(backend, device, dtype, weight, n):
     require(backend, device, dtype, "rms_norm")
     x, w, _ = layer_norm_inputs((3, 5), n, device, dtype, weight, False, seed=n, contiguous=(n % 2 == 0))
     eps = 1e-6
-    y = check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, eps, backend=backend),
+    y = check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, eps, backend=backend),
                                 lambda x, w: reference.rms_norm(x, w, eps), (x, w), dtype, f"{backend} rms n={n}")
     assert y.dtype == dtype and y.shape == x.shape
 
@@ -48,7 +48,7 @@ def add_norm_case(backend, device, dtype, n, norm, weight, bias, dropout_p, seed
     eps = 1e-5
 
     def fused(x, residual, w, b):
-        y, h = kernels.add_norm(x, residual, (n,), w, b, eps, norm, dropout_p, backend=backend)
+        y, h = chargpt_kernels.add_norm(x, residual, (n,), w, b, eps, norm, dropout_p, backend=backend)
         return torch.cat([y, h], dim=-1)  # one output, so check_against_reference sees gradients through both
 
     def expected(x, residual, w, b):
@@ -93,7 +93,7 @@ def test_add_norm_dropout_statistics(backend):
 
     def h(seed):
         torch.manual_seed(seed)
-        return kernels.add_norm(x, residual, (384,), dropout_p=0.2, backend=backend)[1]
+        return chargpt_kernels.add_norm(x, residual, (384,), dropout_p=0.2, backend=backend)[1]
 
     first = h(1)
     kept = first != 0
@@ -105,19 +105,19 @@ def test_add_norm_dropout_statistics(backend):
 def test_add_norm_bad_input():
     x = torch.randn(4, 8)
     with pytest.raises(ValueError, match="norm must be"):
-        kernels.add_norm(x, x, (8,), norm="batch")
+        chargpt_kernels.add_norm(x, x, (8,), norm="batch")
     with pytest.raises(ValueError, match="residual has shape"):
-        kernels.add_norm(x, x[:2], (8,))
+        chargpt_kernels.add_norm(x, x[:2], (8,))
     with pytest.raises(ValueError, match="no bias"):
-        kernels.add_norm(x, x, (8,), torch.ones(8), torch.ones(8), norm="rms")
+        chargpt_kernels.add_norm(x, x, (8,), torch.ones(8), torch.ones(8), norm="rms")
     with pytest.raises(ValueError, match="dropout_p"):
-        kernels.add_norm(x, x, (8,), dropout_p=1.0)
+        chargpt_kernels.add_norm(x, x, (8,), dropout_p=1.0)
     with pytest.raises(TypeError, match="float64"):
-        kernels.add_norm(x, x.double(), (8,))
+        chargpt_kernels.add_norm(x, x.double(), (8,))
     with pytest.raises(ValueError, match="normalized_shape"):
-        kernels.add_norm(x, x, (9,))
+        chargpt_kernels.add_norm(x, x, (9,))
     with pytest.raises(ValueError, match="eps"):
-        kernels.rms_norm(x, (8,), eps=-1.0)
+        chargpt_kernels.rms_norm(x, (8,), eps=-1.0)
 
 
 def test_rms_norm_module_is_a_drop_in():
@@ -125,12 +125,12 @@ def test_rms_norm_module_is_a_drop_in():
     ref = nn.RMSNorm(24, eps=1e-6)
     with torch.no_grad():
         ref.weight.normal_()
-    fused = kernels.RMSNorm(24, eps=1e-6)
+    fused = chargpt_kernels.RMSNorm(24, eps=1e-6)
     fused.load_state_dict(ref.state_dict())
     assert list(fused.state_dict()) == list(ref.state_dict()) == ["weight"]
     x = torch.randn(5, 24)
     torch.testing.assert_close(fused(x), ref(x))
-    assert kernels.RMSNorm(24, elementwise_affine=False).weight is None
+    assert chargpt_kernels.RMSNorm(24, elementwise_affine=False).weight is None
 
 
 class LlamaStyleRMSNorm(nn.Module):
@@ -154,10 +154,10 @@ def test_patch_model_swaps_mixed_norms_and_a_models_own_class():
     x = torch.randn(4, 8)
     before = model(x)
     params = list(model.parameters())
-    kernels.patch_model(model, backend="eager", norms={LlamaStyleRMSNorm: "rms"})
-    assert isinstance(model[1], kernels.LayerNorm) and isinstance(model[2][1], kernels.RMSNorm)
-    assert isinstance(model[3], kernels.RMSNorm) and model[3].eps == 1e-6
+    chargpt_kernels.patch_model(model, backend="eager", norms={LlamaStyleRMSNorm: "rms"})
+    assert isinstance(model[1], chargpt_kernels.LayerNorm) and isinstance(model[2][1], chargpt_kernels.RMSNorm)
+    assert isinstance(model[3], chargpt_kernels.RMSNorm) and model[3].eps == 1e-6
     assert [p for p in model.parameters()] == params  # the same objects: optimizers stay valid
     assert_close(model(x), before.double(), torch.float32, "patched model")
     with pytest.raises(TypeError, match="not the norm itself"):
-        kernels.patch_model(nn.RMSNorm(4))
+        chargpt_kernels.patch_model(nn.RMSNorm(4))

@@ -1,8 +1,8 @@
 """PyTorch's own sample inputs (OpInfo, as torch's test suite uses them) through every fused backend.
 
 Each sample runs on the fused backend and in float64 through torch itself; outputs and the gradients of every input
-that requires grad must agree. Error inputs must raise. Dropout samples are judged against kernels.reference with
-the mask the fused kernels specify (torch's own dropout draws a different one).
+that requires grad must agree. Error inputs must raise. Dropout samples are judged against chargpt_kernels.reference
+with the mask the fused kernels specify (torch's own dropout draws a different one).
 """
 
 import warnings
@@ -11,9 +11,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close
 
 from conftest import FUSED_BACKENDS, require_backend
 
@@ -55,9 +55,9 @@ def test_layer_norm_samples(backend, name):
         what = f"{backend} {name} sample {i}: input {tuple(sample.input.shape)}, eps {eps}"
         if eps <= 0:  # torch computes something for eps <= 0; the kernels refuse it (README: the contract)
             with pytest.raises(ValueError, match="eps"):
-                kernels.layer_norm(sample.input, normalized_shape, weight, bias, eps, backend=backend)
+                chargpt_kernels.layer_norm(sample.input, normalized_shape, weight, bias, eps, backend=backend)
             continue
-        compare(lambda x, w, b: kernels.layer_norm(x, normalized_shape, w, b, eps, backend=backend),
+        compare(lambda x, w, b: chargpt_kernels.layer_norm(x, normalized_shape, w, b, eps, backend=backend),
                 lambda x, w, b: F.layer_norm(x, normalized_shape, w, b, eps), (sample.input, weight, bias), what)
 
 
@@ -79,7 +79,7 @@ def test_layer_norm_error_samples_raise(backend):
     for error in errors:
         sample = error.sample_input
         with pytest.raises((ValueError, TypeError, RuntimeError)):
-            kernels.layer_norm(sample.input, *sample.args, backend=backend, **sample.kwargs)
+            chargpt_kernels.layer_norm(sample.input, *sample.args, backend=backend, **sample.kwargs)
 
 
 @pytest.mark.parametrize("backend", FUSED_BACKENDS)
@@ -93,9 +93,9 @@ def test_scaled_dot_product_attention_samples(backend):
 
         def fused(q, k, v):
             torch.manual_seed(i)
-            with kernels.use_backend(backend), warnings.catch_warnings():
+            with chargpt_kernels.use_backend(backend), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # fallback warnings are tested elsewhere
-                return kernels.scaled_dot_product_attention(q, k, v, **kwargs)
+                return chargpt_kernels.scaled_dot_product_attention(q, k, v, **kwargs)
 
         if p == 0.0:
             compare(fused, lambda q, k, v: F.scaled_dot_product_attention(q, k, v, **kwargs),
@@ -103,7 +103,7 @@ def test_scaled_dot_product_attention_samples(backend):
             continue
         if sample.input.dim() != key.dim():
             continue  # falls back to torch (ranks differ), whose dropout mask is torch's own: nothing to compare
-        # Dropout: the fused kernels draw the keep-mask kernels.reference specifies, from the call's first seed.
+        # Dropout: the fused kernels draw the keep-mask chargpt_kernels.reference specifies, from the call's first seed.
         fold = lambda t: t.reshape(-1, *t.shape[-3:]) if t.dim() > 3 else t[None]  # noqa: E731
 
         def truth(q, k, v):
@@ -122,5 +122,5 @@ def test_linear_samples():
     require_backend("ext", "cpu", ops=("linear",))
     for i, sample in enumerate(samples("nn.functional.linear")):
         weight, bias = (list(sample.args) + [None])[:2]
-        compare(lambda x, w, b: kernels.linear(x, w, b, backend="ext"), F.linear, (sample.input, weight, bias),
+        compare(lambda x, w, b: chargpt_kernels.linear(x, w, b, backend="ext"), F.linear, (sample.input, weight, bias),
                 f"ext nn.functional.linear sample {i}: input {tuple(sample.input.shape)}")

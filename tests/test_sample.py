@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-import kernels
+import chargpt_kernels
 
 from chargpt_helpers import assert_one_line_error, sample, small_text, train
 
@@ -29,7 +29,7 @@ def eager_samples(run_dir):
     return result
 
 
-@pytest.mark.parametrize("backend", kernels.available_backends())
+@pytest.mark.parametrize("backend", chargpt_kernels.available_backends())
 def test_sample_under_any_backend(run_dir, eager_samples, backend):
     """Trained with eager, sampled with each backend: same seed, same text."""
     if backend == "triton" and torch.cuda.is_available():

@@ -12,9 +12,9 @@ import torch
 
 from chargpt import ChargptError, checkpoint
 from chargpt.throughput import StepTimeJumps
-from kernels import backends
+from chargpt_kernels import backends
 
-from chargpt_helpers import REPO_ROOT, assert_one_line_error, run_cli, small_text, train
+from chargpt_helpers import REPO_ROOT, assert_one_line_error, checkout_env, run_cli, small_text, train
 
 # On CPU even where there is a GPU: bit-exact resume and the gloo DDP run need it, and tiny runs gain nothing.
 TINY = ("--preset", "tiny", "--device", "cpu")
@@ -112,7 +112,8 @@ def test_ctrl_c_saves_and_exits_cleanly(tmp_path, text_file):
     out = tmp_path / "run"
     command = [sys.executable, "-m", "chargpt.train", *TINY, "--max-iters", "1000000", "--eval-interval", "1000000",
                "--data", str(text_file), "--out-dir", str(out)]
-    proc = subprocess.Popen(command, cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(command, cwd=REPO_ROOT, env=checkout_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while not (out / "metrics.jsonl").exists() or len(metrics(out, kinds=("step",))) < 3:
         assert proc.poll() is None and time.time() < deadline, proc.communicate()

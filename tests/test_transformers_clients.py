@@ -7,8 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.testing import assert_close
+import chargpt_kernels
+from chargpt_kernels.testing import assert_close
 
 from conftest import FUSED_BACKENDS, require_attention_features, require_backend
 
@@ -33,7 +33,7 @@ def llama():
                                       hidden_size=96, intermediate_size=128, vocab_size=97,
                                       max_position_embeddings=64)
     model = transformers.LlamaForCausalLM(config)
-    return model, {type(model.model.norm): "rms"}  # LlamaRMSNorm computes what kernels.rms_norm does
+    return model, {type(model.model.norm): "rms"}  # LlamaRMSNorm computes what chargpt_kernels.rms_norm does
 
 
 MODELS = {"gpt2": gpt2, "bert": bert, "llama": llama}
@@ -65,8 +65,8 @@ def run(model, ids, mask):
 
 @pytest.fixture
 def fused_sdpa(monkeypatch):
-    """F.sdpa -> kernels.scaled_dot_product_attention, counting the calls that reach torch's own."""
-    torch_sdpa = kernels.api._torch_sdpa
+    """F.sdpa -> chargpt_kernels.scaled_dot_product_attention, counting the calls that reach torch's own."""
+    torch_sdpa = chargpt_kernels.api._torch_sdpa
     calls = {"fallbacks": 0, "fused": 0, "torch": torch_sdpa}
 
     def counting_torch_sdpa(*args, **kwargs):
@@ -75,9 +75,9 @@ def fused_sdpa(monkeypatch):
 
     def counting_kernels_sdpa(*args, **kwargs):
         calls["fused"] += 1
-        return kernels.scaled_dot_product_attention(*args, **kwargs)
+        return chargpt_kernels.scaled_dot_product_attention(*args, **kwargs)
 
-    monkeypatch.setattr(kernels.api, "_torch_sdpa", counting_torch_sdpa)
+    monkeypatch.setattr(chargpt_kernels.api, "_torch_sdpa", counting_torch_sdpa)
     monkeypatch.setattr(F, "scaled_dot_product_attention", counting_kernels_sdpa)
     monkeypatch.setenv("TRANSFORMERS_SDPA_FORCE_GQA", "1")  # GQA reaches sdpa as enable_gqa even with a mask
     return calls
@@ -97,8 +97,8 @@ def test_model_matches_torch_and_never_falls_back(backend, name, padding, fused_
     with pytest.MonkeyPatch.context() as original:
         original.setattr(F, "scaled_dot_product_attention", fused_sdpa["torch"])
         want_logits, want_grads = run(model, ids, mask)
-    kernels.patch_model(model, norms=own_norms)
-    with kernels.use_backend(backend):
+    chargpt_kernels.patch_model(model, norms=own_norms)
+    with chargpt_kernels.use_backend(backend):
         logits, grads = run(model, ids, mask)
     assert fused_sdpa["fused"] > 0 and fused_sdpa["fallbacks"] == 0, {k: fused_sdpa[k] for k in ("fused", "fallbacks")}
     real = mask.bool()  # padded positions' logits are garbage in both; compare the real tokens
@@ -121,8 +121,8 @@ def test_llama_generate_matches_torch_and_never_falls_back(backend, fused_sdpa):
     with pytest.MonkeyPatch.context() as original:
         original.setattr(F, "scaled_dot_product_attention", fused_sdpa["torch"])
         want = model.generate(input_ids=ids, attention_mask=mask, **settings)
-    kernels.patch_model(model, norms=own_norms)
-    with kernels.use_backend(backend):
+    chargpt_kernels.patch_model(model, norms=own_norms)
+    with chargpt_kernels.use_backend(backend):
         got = model.generate(input_ids=ids, attention_mask=mask, **settings)
     assert fused_sdpa["fused"] > 0 and fused_sdpa["fallbacks"] == 0, {k: fused_sdpa[k] for k in ("fused", "fallbacks")}
     assert torch.equal(got, want)

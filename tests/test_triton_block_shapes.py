@@ -8,9 +8,9 @@ BLOCK_N, with dropout on, against the float64 reference with the same Philox mas
 import pytest
 import torch
 
-from kernels import reference
-from kernels import triton_attention as attention
-from kernels.runtime import triton_interpreted
+from chargpt_kernels import reference
+from chargpt_kernels import triton_attention as attention
+from chargpt_kernels.runtime import triton_interpreted
 
 from conftest import assert_close
 

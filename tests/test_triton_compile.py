@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
+from chargpt_helpers import REPO_ROOT, checkout_env
+
 SHARED_MEMORY_LIMIT = {90: 232448, 80: 166912}  # bytes per block (opt-in maximum) on H100 and A100
 ELEMENT_SIZE = {"fp16": 2, "bf16": 2, "fp32": 4}
 FP32_POINTERS = {"LSE", "Delta", "Mean", "Rstd", "DW_partial", "DB_partial", "Partial", "PartialMax", "PartialSum"}
@@ -43,8 +44,8 @@ def compile_plan():
     """The (kernel, target, dtype, shape, config) jobs: every shipped config where speed matters most (D=64 on
     both targets, D=128, dropout, float32), the first shipped config elsewhere; together every config of every
     list is compiled at least once for sm_90."""
-    from kernels import triton_attention as attention
-    from kernels import triton_layer_norm as layer_norm
+    from chargpt_kernels import triton_attention as attention
+    from chargpt_kernels import triton_layer_norm as layer_norm
 
     kernels = {"forward": "_attention_forward", "dkdv": "_attention_backward_dkdv", "dq": "_attention_backward_dq"}
     jobs = []
@@ -64,8 +65,8 @@ def compile_plan():
                     constexprs["seed_ptr"] = None
                 shape = f"D={head_dim}" + (" dropout" if dropout else "") + (f" {mask} mask" if mask else "") + (
                     f" gqa{group}" if group > 1 else "")
-                jobs.append(dict(module="kernels.triton_attention", fn=fn, kernel=name, target=target, dtype=dtype,
-                                 shape=shape, constexprs=constexprs, num_warps=config.num_warps,
+                jobs.append(dict(module="chargpt_kernels.triton_attention", fn=fn, kernel=name, target=target,
+                                 dtype=dtype, shape=shape, constexprs=constexprs, num_warps=config.num_warps,
                                  num_stages=config.num_stages, mask=mask))
 
     for target, dtype, head_dim, dropout, every in [
@@ -92,16 +93,16 @@ def compile_plan():
                           **config.kwargs, **({} if dropout else {"seed_ptr": None}))
         shape = f"D={head_dim}" + (" dropout" if dropout else "") + (f" {mask} mask" if mask else "") + (
             f" gqa{group}" if group > 1 else "")
-        jobs.append(dict(module="kernels.triton_attention", fn="_attention_decode", kernel="decode", target=target,
-                         dtype=dtype, shape=shape, constexprs=constexprs, num_warps=config.num_warps,
+        jobs.append(dict(module="chargpt_kernels.triton_attention", fn="_attention_decode", kernel="decode",
+                         target=target, dtype=dtype, shape=shape, constexprs=constexprs, num_warps=config.num_warps,
                          num_stages=config.num_stages, mask=mask))
     for target, dtype, head_dim in [(90, "bf16", 64), (80, "fp32", 256)]:
-        jobs.append(dict(module="kernels.triton_attention", fn="_attention_decode_combine", kernel="decode_combine",
-                         target=target, dtype=dtype, shape=f"D={head_dim} 16 splits",
+        jobs.append(dict(module="chargpt_kernels.triton_attention", fn="_attention_decode_combine",
+                         kernel="decode_combine", target=target, dtype=dtype, shape=f"D={head_dim} 16 splits",
                          constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=attention.head_dim_block(head_dim), BLOCK_S=16),
                          num_warps=4, num_stages=1))
     for target, dtype, head_dim in [(90, "bf16", 64), (90, "fp32", 80), (80, "fp16", 80)]:
-        jobs.append(dict(module="kernels.triton_attention", fn="_attention_backward_delta", kernel="delta",
+        jobs.append(dict(module="chargpt_kernels.triton_attention", fn="_attention_backward_delta", kernel="delta",
                          target=target, dtype=dtype, shape=f"D={head_dim}",
                          constexprs=dict(HEAD_DIM=head_dim, BLOCK_D=attention.head_dim_block(head_dim),
                                          BLOCK_M=attention.DELTA_BLOCK_M), num_warps=4, num_stages=3))
@@ -117,13 +118,13 @@ def compile_plan():
                 seed_ptr=not dropout, Mean=rms, DB_partial=rms, GH=not residual, DXD=not dropout))
             for direction, fn, constexprs in [("forward", "_norm_forward", forward),
                                               ("backward", "_norm_backward", backward)]:
-                jobs.append(dict(module="kernels.triton_layer_norm", fn=fn, kernel=f"{op}_{direction}", target=target,
-                                 dtype=dtype, shape=f"N={n_cols}" + (" dropout" if dropout else ""),
+                jobs.append(dict(module="chargpt_kernels.triton_layer_norm", fn=fn, kernel=f"{op}_{direction}",
+                                 target=target, dtype=dtype, shape=f"N={n_cols}" + (" dropout" if dropout else ""),
                                  constexprs=constexprs, num_warps=num_warps, num_stages=1))
     for target, dtype, n_cols in [(90, "bf16", 384), (80, "fp32", 65536)]:  # add_norm's backward when y is unused
         block_m, block_n, num_warps = layer_norm.launch_config(LAYER_NORM_ROWS, n_cols)
-        jobs.append(dict(module="kernels.triton_layer_norm", fn="_dropout_backward", kernel="add_dropout_backward",
-                         target=target, dtype=dtype, shape=f"N={n_cols} dropout",
+        jobs.append(dict(module="chargpt_kernels.triton_layer_norm", fn="_dropout_backward",
+                         kernel="add_dropout_backward", target=target, dtype=dtype, shape=f"N={n_cols} dropout",
                          constexprs=dict(BLOCK_M=block_m, BLOCK_N=block_n), num_warps=num_warps, num_stages=1))
     return jobs
 
@@ -203,9 +204,8 @@ def compiled():
         from triton.compiler import ASTSource  # noqa: F401
     except ImportError as error:
         pytest.skip(f"needs triton with ASTSource/GPUTarget: {error}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([str(REPO), env.get("PYTHONPATH", "")])
-    run = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, cwd=REPO)
+    env = checkout_env({k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"})
+    run = subprocess.run([sys.executable, __file__, "--json"], env=env, capture_output=True, text=True, cwd=REPO_ROOT)
     assert run.returncode == 0, run.stderr[-4000:]
     rows = json.loads(run.stdout.splitlines()[-1])
     print("\n" + format_table(rows))
@@ -213,7 +213,7 @@ def compiled():
 
 
 def test_every_shipped_config_compiles_without_spills_within_shared_memory(compiled):
-    from kernels import triton_attention as attention
+    from chargpt_kernels import triton_attention as attention
 
     too_big = [r for r in compiled if r["shared"] > r["limit"]]
     assert not too_big, "shared memory over the per-block limit:\n" + format_table(too_big)

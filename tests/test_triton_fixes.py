@@ -1,15 +1,15 @@
 """Regression tests for the Triton modules' edge cases, each one seen failing before its fix.
 
-They call kernels.triton_layer_norm / kernels.triton_attention directly (not the public API, which may route edge
-cases elsewhere), on CPU under the interpreter or on CUDA, against the float64 reference or torch.
+They call chargpt_kernels.triton_layer_norm / chargpt_kernels.triton_attention directly (not the public API, which may
+route edge cases elsewhere), on CPU under the interpreter or on CUDA, against the float64 reference or torch.
 """
 
 import pytest
 import torch
 
-from kernels import reference
-from kernels.backends import unavailable_reason
-from kernels.testing import assert_close
+from chargpt_kernels import reference
+from chargpt_kernels.backends import unavailable_reason
+from chargpt_kernels.testing import assert_close
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 pytestmark = pytest.mark.skipif(unavailable_reason("triton") is not None,
@@ -31,7 +31,7 @@ def _grads(fn, inputs, grad=None):
 @pytest.mark.parametrize("n", [40, 4099], ids=["one-block", "swept"])
 def test_layer_norm_weight_and_bias_views(n, layout):
     """A slice w[::2] or an expanded scalar as weight/bias: read through its strides; dw, db get its shape."""
-    from kernels import triton_layer_norm
+    from chargpt_kernels import triton_layer_norm
 
     gen = torch.Generator().manual_seed(n)
     x = (torch.randn(3, n, generator=gen) * 2 + 0.5).to(DEVICE)
@@ -69,7 +69,7 @@ def _attention_layouts():
 @pytest.mark.parametrize("layout", list(_attention_layouts()))
 def test_attention_inputs_in_any_layout(layout, which):
     """Any input layout gives the reference's output and gradients, in plain contiguous (B, H, T, D) tensors."""
-    from kernels import triton_attention
+    from chargpt_kernels import triton_attention
 
     gen = torch.Generator().manual_seed(3)
     inputs = [torch.randn(B, H, T, D, generator=gen) for _ in range(3)]
@@ -86,7 +86,7 @@ def test_attention_inputs_in_any_layout(layout, which):
 def test_attention_op_returns_contiguous_tensors(layout):
     """The op allocates what its kernels write (contiguous (B, H, T, D)), so fake tensors (torch.compile) and real
     ones agree on strides whatever the inputs' layout."""
-    from kernels import triton_attention
+    from chargpt_kernels import triton_attention
 
     gen = torch.Generator().manual_seed(4)
     q, k, v = (_attention_layouts()[layout](gen).to(DEVICE) for _ in range(3))
@@ -135,7 +135,7 @@ def _check_like_torch(inputs, is_causal, scale):
     """The triton attention's out, dq, dk, dv for float32 `inputs` against torch's (see the test above)."""
     import torch.nn.functional as F
 
-    from kernels import triton_attention
+    from chargpt_kernels import triton_attention
 
     got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, is_causal, 0.0, scale),
                        [x.to(DEVICE) for x in inputs])
@@ -186,7 +186,7 @@ def test_attention_rows_that_see_no_key_give_zero(case):
 def test_layer_norm_zero_size(shape, affine):
     import torch.nn.functional as F
 
-    from kernels import triton_layer_norm
+    from chargpt_kernels import triton_layer_norm
 
     x = torch.randn(*shape, device=DEVICE)
     params = [torch.randn(shape[1], device=DEVICE) for _ in range(2)] if affine else [None, None]
@@ -213,7 +213,7 @@ def test_attention_zero_size(q_shape, kv_shape, is_causal):
     """Empty in, empty out; with no keys (Tk = 0) every row sees no key, so the output and dq are 0, like torch."""
     import torch.nn.functional as F
 
-    from kernels import triton_attention
+    from chargpt_kernels import triton_attention
 
     inputs = [torch.randn(*shape, device=DEVICE) for shape in (q_shape, kv_shape, kv_shape)]
     got, grad = _grads(lambda q, k, v: triton_attention.attention(q, k, v, is_causal, 0.0, 0.3), inputs)

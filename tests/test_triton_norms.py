@@ -10,9 +10,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels import reference
-from kernels.testing import assert_close, check_against_reference, layer_norm_inputs
+import chargpt_kernels
+from chargpt_kernels import reference
+from chargpt_kernels.testing import assert_close, check_against_reference, layer_norm_inputs
 
 from conftest import require_backend
 
@@ -26,19 +26,20 @@ def triton_norms():
 
 
 def spec_mask(seed, shape, p):
-    """The keep-mask kernels.reference specifies for add_norm: element (i, j) of the (M, N) rows at offset i*N + j."""
+    """The keep-mask chargpt_kernels.reference specifies for add_norm: element (i, j) of the (M, N) rows at offset
+    i*N + j."""
     n = shape[-1]
     return reference.dropout_keep_mask(int(seed), 1, 1, torch.Size(shape[:-1]).numel(), n, p, DEVICE).view(shape)
 
 
 def add_norm_vs_reference(x, residual, w, b, norm, p, eps=1e-5, dtype=FP32, what="", pick=None):
-    """kernels.add_norm on triton against the float64 reference under the spec mask, outputs and gradients. pick
+    """chargpt_kernels.add_norm on triton against the float64 reference under the spec mask, outputs and gradients. pick
     None compares y and h side by side; 0 or 1 compares y or h alone (the other output unused)."""
     def both(out):
         return torch.cat(out, -1) if pick is None else out[pick]
 
     def fused(x, residual, w, b):
-        return both(kernels.add_norm(x, residual, x.shape[-1:], w, b, eps, norm, p, backend="triton"))
+        return both(chargpt_kernels.add_norm(x, residual, x.shape[-1:], w, b, eps, norm, p, backend="triton"))
 
     def expected(x, residual, w, b):
         mask = spec_mask(reference.new_dropout_seed(x.device), x.shape, p) if p > 0 else None
@@ -78,12 +79,12 @@ def test_rows_up_to_65536(n):
     x, residual, w, b = inputs(2, n, seed=n)
     add_norm_vs_reference(x, residual, w, b, "layer", 0.1, what=f"add_norm layer n={n}")
     add_norm_vs_reference(x, residual, w, None, "rms", 0.0, what=f"add_norm rms n={n}")
-    check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
+    check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
                             lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w), FP32, f"rms_norm n={n}")
 
 
 def test_rows_over_65536_raise():
-    from kernels import triton_layer_norm
+    from chargpt_kernels import triton_layer_norm
 
     x = torch.zeros(1, 65537, device=DEVICE)
     with pytest.raises(ValueError, match="up to 65536"):
@@ -104,7 +105,7 @@ def test_many_rows_sum_the_partials_of_several_programs(n):
 
     def run():
         torch.manual_seed(0)
-        out = torch.cat(kernels.add_norm(x, residual, (n,), w, b, 1e-5, "layer", 0.2, backend="triton"), -1)
+        out = torch.cat(chargpt_kernels.add_norm(x, residual, (n,), w, b, 1e-5, "layer", 0.2, backend="triton"), -1)
         return [out, *torch.autograd.grad(out, (x, residual, w, b), grad)]
 
     for first, second in zip(run(), run()):
@@ -114,7 +115,7 @@ def test_many_rows_sum_the_partials_of_several_programs(n):
 @pytest.mark.parametrize("norm", ["layer", "rms"])
 def test_without_dropout_dx_is_dresidual(norm):
     x, residual, w, b = inputs(5, 40, seed=13, bias=norm == "layer")
-    y, h = kernels.add_norm(x, residual, (40,), w, b, 1e-5, norm, 0.0, backend="triton")
+    y, h = chargpt_kernels.add_norm(x, residual, (40,), w, b, 1e-5, norm, 0.0, backend="triton")
     dx, dresidual = torch.autograd.grad(torch.cat([y, h], -1), (x, residual), torch.randn(5, 80, device=DEVICE))
     assert torch.equal(dx, dresidual)
 
@@ -129,7 +130,7 @@ def test_constant_rows_are_exact(n, p):
     residual[1] = -7.3
     x = torch.zeros(3, n, device=DEVICE)
     w, b = torch.randn(n, device=DEVICE), torch.randn(n, device=DEVICE)
-    y, h = kernels.add_norm(x, residual, (n,), w, b, eps=1e-12, norm="layer", dropout_p=p, backend="triton")
+    y, h = chargpt_kernels.add_norm(x, residual, (n,), w, b, eps=1e-12, norm="layer", dropout_p=p, backend="triton")
     torch.testing.assert_close(h, residual, rtol=0, atol=0)
     torch.testing.assert_close(y, b.expand(3, n), rtol=0, atol=0)
 
@@ -157,14 +158,14 @@ def test_non_finite_values_propagate_even_where_dropout_drops_them(n, norm, valu
     assert torch.isfinite(y[[0, 2, 3]]).all() and torch.isfinite(h[[0, 2, 3]]).all()
     x_kept = x.detach().clone()
     x_kept[1, 5] = value
-    y = check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
+    y = check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
                                 lambda x, w: reference.rms_norm(x, w, 1e-6), (x_kept.requires_grad_(), w), FP32,
                                 f"rms_norm {value} n={n}")
     assert torch.isfinite(y[[0, 2, 3]]).all()
 
 
 def test_eps_none_is_torchs_default():
-    from kernels import triton_layer_norm
+    from chargpt_kernels import triton_layer_norm
 
     x = layer_norm_inputs((4,), 16, DEVICE, FP32, False, False, seed=14, requires_grad=False)[0] * 1e-4
     want = F.rms_norm(x.double(), (16,), eps=torch.finfo(FP32).eps)
@@ -187,7 +188,7 @@ def test_strided_and_expanded_inputs(norm, n):
     b = torch.randn(n, generator=gen).to(DEVICE).requires_grad_() if norm == "layer" else None
 
     def fused(x, residual_row, w, b):
-        y, h = kernels.add_norm(x, residual_row.expand(3, n), (n,), w, b, 1e-5, norm, 0.2, backend="triton")
+        y, h = chargpt_kernels.add_norm(x, residual_row.expand(3, n), (n,), w, b, 1e-5, norm, 0.2, backend="triton")
         return torch.cat([y, h], -1)
 
     def expected(x, residual_row, w, b):
@@ -196,7 +197,7 @@ def test_strided_and_expanded_inputs(norm, n):
                          -1)
 
     check_against_reference(fused, expected, (x, residual_row, w, b), FP32, f"strided {norm} n={n}")
-    check_against_reference(lambda x, w: kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
+    check_against_reference(lambda x, w: chargpt_kernels.rms_norm(x, (n,), w, 1e-6, backend="triton"),
                             lambda x, w: reference.rms_norm(x, w, 1e-6), (x, w), FP32, f"strided rms_norm n={n}")
 
 
@@ -216,7 +217,7 @@ def test_gradients_when_only_one_output_is_used(used, dropout_p, n):
         residual_nan = residual.detach().clone()
         residual_nan[2, 0] = float("nan")
         residual_nan.requires_grad_()
-        y, h = kernels.add_norm(x, residual_nan, (n,), w, b, 1e-5, "layer", dropout_p, backend="triton")
+        y, h = chargpt_kernels.add_norm(x, residual_nan, (n,), w, b, 1e-5, "layer", dropout_p, backend="triton")
         assert torch.isnan(y[2]).all()
         grads = torch.autograd.grad(h.sum(), (x, residual_nan, w, b), allow_unused=True)
         assert grads[2] is None and grads[3] is None
@@ -228,11 +229,11 @@ def test_double_backward_is_refused(op):
     """A fused backward is not differentiable: asking for a second derivative raises, never a silent 0."""
     x, residual, w, _ = inputs(3, 24, seed=1, bias=False)
     if op == "rms_norm":
-        out = kernels.rms_norm(x, (24,), w, backend="triton")
+        out = chargpt_kernels.rms_norm(x, (24,), w, backend="triton")
     elif op == "add_norm_only_h":  # squared, so that h's gradient (and through the mask, x's) depends on x
-        out = kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="triton")[1].square()
+        out = chargpt_kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="triton")[1].square()
     else:
-        out = torch.cat(kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="triton"), -1)
+        out = torch.cat(chargpt_kernels.add_norm(x, residual, (24,), w, None, 1e-5, "layer", 0.1, backend="triton"), -1)
     leaf = residual if op == "add_norm_residual" else x
     (g,) = torch.autograd.grad((out * torch.randn(out.shape, device=DEVICE)).sum(), leaf, create_graph=True)
     with pytest.raises(RuntimeError, match="double backward is not supported"):
@@ -242,7 +243,7 @@ def test_double_backward_is_refused(op):
 @pytest.mark.parametrize("shape", [(0, 8), (3, 0), (0, 0)], ids=lambda s: "x".join(map(str, s)))
 def test_zero_size(shape):
     """Called directly (the public API routes empty inputs to the reference): empty outputs, zero dW/dB, like torch."""
-    from kernels import triton_layer_norm
+    from chargpt_kernels import triton_layer_norm
 
     n = shape[1]
     x, residual = (torch.randn(*shape, device=DEVICE) for _ in range(2))

@@ -2,7 +2,8 @@
 
 torch.compile of a Triton op cannot run on CPU (its fake-tensor pass needs a GPU device), so these skip there.
 Two routes: through the public kernels API (what a model uses), and through the backend modules directly, so a
-failure tells a dispatch problem (kernels.api / kernels.backends) apart from an op problem (kernels/triton_*.py).
+failure tells a dispatch problem (chargpt_kernels.api / chargpt_kernels.backends) apart from an op problem
+(kernels/chargpt_kernels/triton_*.py).
 """
 
 import pytest
@@ -10,8 +11,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import kernels
-from kernels import triton_attention, triton_layer_norm
+import chargpt_kernels
+from chargpt_kernels import triton_attention, triton_layer_norm
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -19,11 +20,11 @@ VOCAB, CHANNELS, HEADS, BATCH, T = 65, 64, 4, 4, 48
 
 
 def public_layer_norm(x, weight, bias):
-    return kernels.layer_norm(x, (x.shape[-1],), weight, bias, backend="triton")
+    return chargpt_kernels.layer_norm(x, (x.shape[-1],), weight, bias, backend="triton")
 
 
 def public_attention(q, k, v, dropout_p):
-    return kernels.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
+    return chargpt_kernels.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)
 
 
 def direct_layer_norm(x, weight, bias):

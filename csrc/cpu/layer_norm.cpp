@@ -1,7 +1,7 @@
 // The norm family on CPU: LayerNorm, RMSNorm, and add_norm (h = residual + dropout(x), y = norm(h)), in float32, and in
 // bfloat16 and float16 through float32 scratch.
-// Rows in parallel (jobs past kParallelGrain elements of work, blocks handed out dynamically), native-width vectors (vec.h)
-// within a row. One statistics helper and one affine helper serve all three: RMSNorm is LayerNorm with the mean
+// Rows in parallel (jobs past kParallelGrain elements of work, blocks handed out dynamically), native-width vectors
+// (vec.h) within a row. One statistics helper and one affine helper serve all three: RMSNorm is LayerNorm with the mean
 // fixed at 0 and no bias, and add_norm normalises the h it has just built (in a scratch row in L1) exactly as
 // layer_norm/rms_norm normalise x.
 //   forward : h (add_norm only: written out, and kept in L1), statistics per row (sum, then squared deviations),

@@ -11,8 +11,8 @@
 //     core's share of the bandwidth;
 //   - every output is summed by one thread in a fixed order (vector lanes, then the lanes in a tree, then the K tail),
 //     so the result does not depend on the thread count.
-// For many rows the product is arithmetic-bound and a blocked GEMM (torch's) is the right tool: kernels/ext_linear.py
-// sends calls of more than GEMV_MAX_ROWS rows there. float32 only.
+// For many rows the product is arithmetic-bound and a blocked GEMM (torch's) is the right tool:
+// kernels/chargpt_kernels/ext_linear.py sends calls of more than GEMV_MAX_ROWS rows there. float32 only.
 #include <ATen/ATen.h>
 #include <torch/library.h>
 

@@ -1,7 +1,7 @@
 // 16-lane float vectors through GCC/Clang vector extensions: with -march=native they become AVX-512 (or pairs of
 // AVX2, or quads of SSE) registers without tying the code to one ISA's intrinsics; the few intrinsics below have a
-// portable fallback (CHARGPT_EXT_MARCH picks the target, see kernels/ext_build.py). Reductions run lane by lane in
-// a fixed order, so results never depend on the thread count.
+// portable fallback (CHARGPT_EXT_MARCH picks the target, see kernels/chargpt_kernels/ext_build.py). Reductions run lane
+// by lane in a fixed order, so results never depend on the thread count.
 #pragma once
 
 #include <cmath>

@@ -7,9 +7,9 @@
 //             second, so memory sees x and residual read once, h and y written once.
 //   backward: dx per row by one warp (two warp sums: mean(g*w) and mean(g*w*xhat); RMSNorm only the second), plus
 //             add_norm's dh and, with dropout, x's gradient through the mask regenerated from the seed (Philox,
-//             offset row * N + col: kernels/reference.py). dW and dB in two stages (apex/llm.c): blocks of 32
-//             columns x a chunk of rows write partial sums, then one thread per column adds the chunks in order --
-//             deterministic, no atomics.
+//             offset row * N + col: kernels/chargpt_kernels/reference.py). dW and dB in two stages (apex/llm.c): blocks
+//             of 32 columns x a chunk of rows write partial sums, then one thread per column adds the chunks in order
+//             -- deterministic, no atomics.
 // Rows whose pointers, strides and length allow it move 16 bytes per load (float4 / 8 halves).
 #include <c10/cuda/CUDAStream.h>  // c10::cuda::getCurrentCUDAStream is what at::cuda:: re-exports; this header
                                    // avoids ATen/cuda/CUDAContext.h, which needs the cuSPARSE/cuBLAS headers

@@ -1,11 +1,11 @@
 """Attention on the `ext` backend: the chargpt C++/CUDA ops (csrc/), with fake tensors for torch.compile (autograd
 is registered in C++, csrc/ops.cpp). Dropout draws one seed per call from torch's generator; the kernels regenerate
-the mask from it (Philox, kernels/reference.py) in the backward. Importing this module loads (or builds) the
-extension."""
+the mask from it (Philox, kernels/chargpt_kernels/reference.py) in the backward. Importing this module loads (or builds)
+the extension."""
 
 import torch
 
-from kernels import ext_build, reference
+from chargpt_kernels import ext_build, reference
 
 ext_build.require()
 

@@ -9,7 +9,7 @@ GEMV cannot beat."""
 import torch
 import torch.nn.functional as F
 
-from kernels import ext_build
+from chargpt_kernels import ext_build
 
 ext_build.require()
 

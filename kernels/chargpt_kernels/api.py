@@ -1,4 +1,4 @@
-"""The public ops: validate the request once, then hand it to the backend `kernels.backends` picks."""
+"""The public ops: validate the request once, then hand it to the backend `chargpt_kernels.backends` picks."""
 
 import math
 import warnings
@@ -7,7 +7,7 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn.functional as F
 
-from kernels import backends, reference
+from chargpt_kernels import backends, reference
 
 MAX_HEAD_DIM = 256
 # Held at import, so the fallback still reaches torch after a user swaps F.scaled_dot_product_attention for ours.
@@ -120,9 +120,9 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
     Arguments:
         q: (B, Hq, Tq, D) float tensor; k, v: (B, Hk, Tk, D), same dtype and device. Any strides; D <= 256.
         dropout_p: dropout on the attention weights, in [0, 1), drawn inside the kernel from torch's RNG
-            (kernels.reference states the mask: same seed, same mask).
+            (chargpt_kernels.reference states the mask: same seed, same mask).
         scale: multiplies q k^T; None means 1/sqrt(D). Any finite number.
-        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        backend: eager, triton, ext or auto; None means the current one (`chargpt_kernels.use_backend`).
         attn_mask: None, or bool (True = take part) / additive float of q's dtype, broadcastable to
             (B, Hq, Tq, Tk) (e.g. (B, 1, 1, Tk) key padding), combined with the causal mask. Read through its
             strides: broadcast dims are never expanded in memory.
@@ -145,7 +145,7 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 
     Raises:
         TypeError / ValueError naming the problem (non-float, mixed dtypes or devices, bad shapes, D > 256).
-        kernels.BackendUnavailable when the backend asked for cannot run here.
+        chargpt_kernels.BackendUnavailable when the backend asked for cannot run here.
     """
     _check_float_tensors("causal_attention", q=q, k=k, v=v)
     if window is not None and not (isinstance(window, int) and not isinstance(window, bool) and window >= 1):
@@ -172,7 +172,8 @@ def causal_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_
 def _fall_back(reason):
     if reason not in _warned:
         _warned.add(reason)
-        warnings.warn(f"kernels.scaled_dot_product_attention: {reason}; using torch's implementation", stacklevel=3)
+        warnings.warn(f"chargpt_kernels.scaled_dot_product_attention: {reason}; using torch's implementation",
+                      stacklevel=3)
 
 
 def _fold(t, lead):
@@ -259,13 +260,13 @@ def layer_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]],
         normalized_shape: the trailing dims to normalize over (an int for one dim).
         weight, bias: normalized_shape-shaped tensors of input's dtype and device, or None.
         eps: added to the biased variance; must be > 0 (torch computes something for eps <= 0; we raise).
-        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        backend: eager, triton, ext or auto; None means the current one (`chargpt_kernels.use_backend`).
 
     Returns:
         A tensor of input's shape and dtype: (x - mean) / sqrt(var + eps) * weight + bias, statistics in fp32.
 
     Raises:
-        TypeError / ValueError naming the problem; kernels.BackendUnavailable when the backend cannot run here.
+        TypeError / ValueError naming the problem; chargpt_kernels.BackendUnavailable when the backend cannot run here.
     """
     # The common case (one normalized dim, matching tensors), checked and dispatched with few Python operations:
     # at small shapes the Python around the kernel costs more than the kernel.
@@ -334,7 +335,7 @@ def rms_norm(input: torch.Tensor, normalized_shape: Union[int, Sequence[int]], w
         normalized_shape: the trailing dims to normalize over (an int for one dim).
         weight: a normalized_shape-shaped tensor of input's dtype and device, or None.
         eps: added to the mean square; None means torch's default (the machine epsilon of input's dtype).
-        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        backend: eager, triton, ext or auto; None means the current one (`chargpt_kernels.use_backend`).
 
     Returns:
         A tensor of input's shape and dtype; the mean square is accumulated in fp32.
@@ -357,9 +358,9 @@ def add_norm(x: torch.Tensor, residual: torch.Tensor, normalized_shape: Union[in
         normalized_shape, weight, bias, eps: as in `layer_norm` (norm="layer") or `rms_norm` (norm="rms": no bias;
             eps None means torch's default).
         norm: "layer" or "rms".
-        dropout_p: dropout on x in [0, 1), drawn inside the kernel from torch's RNG (kernels.reference states the
-            mask: same seed, same mask), regenerated in the backward, never stored.
-        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        dropout_p: dropout on x in [0, 1), drawn inside the kernel from torch's RNG (chargpt_kernels.reference states
+            the mask: same seed, same mask), regenerated in the backward, never stored.
+        backend: eager, triton, ext or auto; None means the current one (`chargpt_kernels.use_backend`).
 
     Returns:
         (y, h), both of x's shape and dtype: the normalized output and the new residual stream. Gradients flow to
@@ -387,14 +388,14 @@ def linear(input: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tenso
 
     Arguments:
         input: (..., K) float tensor, any strides; weight: (N, K); bias: (N,) or None; one dtype and device.
-        backend: eager, triton, ext or auto; None means the current one (`kernels.use_backend`).
+        backend: eager, triton, ext or auto; None means the current one (`chargpt_kernels.use_backend`).
 
     Returns:
         (..., N), input's dtype. The fused kernel is ext's CPU GEMV for the few rows of decoding (float32, up to
         ext_linear.GEMV_MAX_ROWS rows after folding the leading dims); more rows take torch's GEMM there.
 
     Raises:
-        TypeError / ValueError naming the problem; kernels.BackendUnavailable when the backend cannot run here;
+        TypeError / ValueError naming the problem; chargpt_kernels.BackendUnavailable when the backend cannot run here;
         TypeError when the backend named has no linear kernel for these tensors (triton has none).
     """
     # The common case checked with few Python operations: decoding calls this for every weight of every step.

@@ -1,7 +1,8 @@
 """How kernels are judged, shared by the tests and the benchmarks (which validate before they time).
 
-    inputs = kernels.testing.attention_inputs(2, 3, 113, 113, 40, "cpu", torch.float32, seed=0)
-    kernels.testing.check_against_reference(my_attention, kernels.reference.attention, inputs, torch.float32)
+    inputs = chargpt_kernels.testing.attention_inputs(2, 3, 113, 113, 40, "cpu", torch.float32, seed=0)
+    chargpt_kernels.testing.check_against_reference(my_attention, chargpt_kernels.reference.attention, inputs,
+                                                    torch.float32)
 
 The truth is the eager reference evaluated in float64 on the same values; tolerances depend on the dtype under
 test only. Inputs are fresh random numbers (never zeros) in the layouts real models hand over.
@@ -64,7 +65,7 @@ def check_against_reference(fn: Callable, reference_fn: Callable, inputs: Sequen
     the gradients of every input that requires grad, under one random upstream gradient) agree. Returns fn's output.
 
     torch's RNG is seeded with `seed` before each of the two calls, so a reference that draws the kernels' dropout
-    seed (kernels.reference.new_dropout_seed) as its first random number sees the same mask."""
+    seed (chargpt_kernels.reference.new_dropout_seed) as its first random number sees the same mask."""
     torch.manual_seed(seed)
     out = fn(*inputs)
     leaves = [t for t in inputs if t is not None and t.requires_grad]

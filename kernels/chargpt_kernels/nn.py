@@ -1,17 +1,17 @@
-"""Module-level drop-ins: kernels.LayerNorm for nn.LayerNorm, kernels.RMSNorm for nn.RMSNorm, and patch_model to
-swap them (and a model's own norm classes) into any model."""
+"""Module-level drop-ins: chargpt_kernels.LayerNorm for nn.LayerNorm, chargpt_kernels.RMSNorm for nn.RMSNorm, and
+patch_model to swap them (and a model's own norm classes) into any model."""
 
 from typing import Callable, Optional, Union
 
 import torch.nn as nn
 
-from kernels.api import layer_norm, rms_norm
+from chargpt_kernels.api import layer_norm, rms_norm
 
 
 class LayerNorm(nn.LayerNorm):
-    """nn.LayerNorm with the same arguments, parameters and state_dict keys, computed by `kernels.layer_norm`.
+    """nn.LayerNorm with the same arguments, parameters and state_dict keys, computed by `chargpt_kernels.layer_norm`.
 
-    `backend` pins one backend (eager, triton, ext, auto); None follows `kernels.use_backend`.
+    `backend` pins one backend (eager, triton, ext, auto); None follows `chargpt_kernels.use_backend`.
     """
 
     def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, bias=True, device=None, dtype=None,
@@ -27,9 +27,9 @@ class LayerNorm(nn.LayerNorm):
 
 
 class RMSNorm(nn.RMSNorm):
-    """nn.RMSNorm with the same arguments, parameters and state_dict keys, computed by `kernels.rms_norm`.
+    """nn.RMSNorm with the same arguments, parameters and state_dict keys, computed by `chargpt_kernels.rms_norm`.
 
-    `backend` pins one backend (eager, triton, ext, auto); None follows `kernels.use_backend`.
+    `backend` pins one backend (eager, triton, ext, auto); None follows `chargpt_kernels.use_backend`.
     """
 
     def __init__(self, normalized_shape, eps=None, elementwise_affine=True, device=None, dtype=None, backend=None):
@@ -74,7 +74,7 @@ def patch_model(model: nn.Module, backend: Optional[str] = None,
 
     Arguments:
         model: any nn.Module; it is changed in place and returned.
-        backend: the backend the new modules pin (None: follow `kernels.use_backend`).
+        backend: the backend the new modules pin (None: follow `chargpt_kernels.use_backend`).
         norms: a model's own norm classes that compute the same thing, each mapped to "layer" or "rms" (weights
             and epsilon read as `_fused_like` says) or to a function building the replacement, e.g.
             `{LlamaRMSNorm: "rms", nanogpt.LayerNorm: "layer"}`.

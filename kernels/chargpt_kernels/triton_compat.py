@@ -3,7 +3,7 @@ kept apart from the kernels themselves."""
 
 import torch
 
-from kernels.runtime import triton_interpreted
+from chargpt_kernels.runtime import triton_interpreted
 
 
 def wrap_triton(kernel):

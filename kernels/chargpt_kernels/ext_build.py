@@ -1,7 +1,7 @@
 """Finds or builds the chargpt C++/CUDA extension (csrc/) and loads its ops into torch.ops.chargpt.
 
-Order of preference, decided once per process on first use (never at `import kernels`):
-1. `kernels/_C*.so` built by `pip install` (setup.py), if it was built for this very torch, the same
+Order of preference, decided once per process on first use (never at `import chargpt_kernels`):
+1. `kernels/chargpt_kernels/_C*.so` built by `pip install` (setup.py), if it was built for this very torch, the same
    CHARGPT_EXT_MARCH and the same kind of CPU (its build stamp says so) and has the CUDA part whenever this process
    can use CUDA;
 2. a just-in-time build with torch.utils.cpp_extension.load (ninja), cached under
@@ -26,10 +26,10 @@ from pathlib import Path
 
 import torch
 
-from kernels.runtime import BackendUnavailable
+from chargpt_kernels.runtime import BackendUnavailable
 
-ROOT = Path(__file__).resolve().parent.parent
-CSRC = ROOT / "csrc"
+PACKAGE = Path(__file__).resolve().parent  # kernels/chargpt_kernels
+CSRC = PACKAGE.parent.parent / "csrc"
 
 
 def target_march():
@@ -110,7 +110,7 @@ def _stamp(with_cuda):
 
 def _prebuilt(want_cuda):
     """Path of a setup.py-built library made for this torch (and with CUDA when wanted), else None."""
-    for path in sorted(glob.glob(str(ROOT / "kernels" / "_C*.so"))):
+    for path in sorted(glob.glob(str(PACKAGE / "_C*.so"))):
         data = Path(path).read_bytes()
         if _stamp(True) in data or (not want_cuda and _stamp(False) in data):
             return path
@@ -132,8 +132,8 @@ def _jit_build(with_cuda):
     headers = [p for p in glob.glob(str(CSRC / "**" / "*"), recursive=True) if p.endswith(HEADER_SUFFIXES)]
     newest_source = max(os.path.getmtime(p) for p in sources + headers)
     if not built or max(os.path.getmtime(p) for p in built) < newest_source:  # else ninja has nothing to do
-        print(f"kernels: compiling the chargpt {'C++/CUDA' if with_cuda else 'C++'} extension for -march={march} "
-              f"(first use, cached in {build_dir})", file=sys.stderr, flush=True)
+        print(f"chargpt_kernels: compiling the chargpt {'C++/CUDA' if with_cuda else 'C++'} extension "
+              f"for -march={march} (first use, cached in {build_dir})", file=sys.stderr, flush=True)
     cxx_flags = [f"-march={march}" if flag.startswith("-march=") else flag for flag in CXX_FLAGS]
     cpp_extension.load(
         name=f"chargpt_ext_{variant}", sources=sources, extra_cflags=cxx_flags, extra_ldflags=["-fopenmp"],
@@ -157,8 +157,8 @@ def _load():
             try:
                 _jit_build(with_cuda=True)
             except Exception as error:  # keep the CPU path: build the C++ part alone
-                warnings.warn(f"kernels: the CUDA part of the chargpt extension failed to build ({_first_line(error)});"
-                              " building the C++ part only", stacklevel=2)
+                warnings.warn(f"chargpt_kernels: the CUDA part of the chargpt extension failed to build "
+                              f"({_first_line(error)}); building the C++ part only", stacklevel=2)
                 _jit_build(with_cuda=False)
         else:
             _jit_build(with_cuda=False)
@@ -193,7 +193,7 @@ def has_cuda_kernels():
 
 
 def require():
-    """Load the extension or raise kernels.BackendUnavailable saying why."""
+    """Load the extension or raise chargpt_kernels.BackendUnavailable saying why."""
     reason = unavailable_reason()
     if reason is not None:
-        raise BackendUnavailable(f"kernels backend 'ext' is unavailable: {reason}")
+        raise BackendUnavailable(f"chargpt_kernels backend 'ext' is unavailable: {reason}")

@@ -14,8 +14,8 @@ A backend maps op names to modules. Every module named for an op exposes a funct
     SUPPORTED_FEATURES = {"cpu": ("mask", "gqa"), "cuda": (...)}   # optional: what the attention module fuses
                                                                    # beyond the plain op, per device type
 
-Inputs reaching a backend have already been validated by `kernels.api`; each backend wires its own autograd.
-Fused backends draw attention-dropout randomness per the spec in `kernels.reference`: one seed per forward call
+Inputs reaching a backend have already been validated by `chargpt_kernels.api`; each backend wires its own autograd.
+Fused backends draw attention-dropout randomness per the spec in `chargpt_kernels.reference`: one seed per forward call
 from `reference.new_dropout_seed(device)`, as that call's first random draw, so a test can predict the mask.
 
 Adding an op: one line in `OPS` below, and a function of that name in the backend modules of its family (a backend
@@ -31,7 +31,7 @@ from typing import Callable, Optional
 
 import torch
 
-from kernels.runtime import BackendUnavailable, triton_interpreted
+from chargpt_kernels.runtime import BackendUnavailable, triton_interpreted
 
 
 def _triton_unavailable() -> Optional[str]:
@@ -45,7 +45,7 @@ def _triton_unavailable() -> Optional[str]:
 
 
 def _ext_unavailable() -> Optional[str]:
-    from kernels import ext_build  # imported on demand: it builds the extension on first call
+    from chargpt_kernels import ext_build  # imported on demand: it builds the extension on first call
 
     return ext_build.unavailable_reason()
 
@@ -58,9 +58,9 @@ class Backend:
 
 
 BACKENDS = {
-    "eager": Backend("kernels.reference", lambda: None, ()),
-    "triton": Backend("kernels.triton_{family}", _triton_unavailable, ("cuda",)),
-    "ext": Backend("kernels.ext_{family}", _ext_unavailable, ("cuda", "cpu")),
+    "eager": Backend("chargpt_kernels.reference", lambda: None, ()),
+    "triton": Backend("chargpt_kernels.triton_{family}", _triton_unavailable, ("cuda",)),
+    "ext": Backend("chargpt_kernels.ext_{family}", _ext_unavailable, ("cuda", "cpu")),
 }
 CHOICES = (*BACKENDS, "auto")
 # op name -> its family: the ops that share one module per backend (their kernels share loads, helpers, tests).
@@ -72,13 +72,13 @@ _current = contextvars.ContextVar("kernels_backend", default="auto")
 
 def _check_choice(name):
     if name not in CHOICES:
-        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
+        raise ValueError(f"unknown chargpt_kernels backend {name!r}; choose one of {', '.join(CHOICES)}")
 
 
 def unavailable_reason(name: str) -> Optional[str]:
     """None when backend `name` can run on this machine, else one sentence saying why not."""
     if name not in BACKENDS:
-        raise ValueError(f"unknown kernels backend {name!r}; choose one of {', '.join(BACKENDS)}")
+        raise ValueError(f"unknown chargpt_kernels backend {name!r}; choose one of {', '.join(BACKENDS)}")
     return BACKENDS[name].unavailable()
 
 
@@ -160,20 +160,20 @@ def backend_for(name: Optional[str], op: str, device_type: str, dtype: torch.dty
     name = name or _current.get()
     _check_choice(name)
     if op not in OPS:
-        raise ValueError(f"unknown kernels op {op!r}; the ops are {', '.join(OPS)}")
+        raise ValueError(f"unknown chargpt_kernels op {op!r}; the ops are {', '.join(OPS)}")
     if name == "auto":
         name = next((candidate for candidate in fused_candidates(device_type) if unavailable_reason(candidate) is None
                      and _missing(candidate, op, device_type, dtype, needs) is None), "eager")
     reason = unavailable_reason(name)
     if reason is not None:
-        raise BackendUnavailable(f"kernels backend {name!r} is unavailable: {reason}")
+        raise BackendUnavailable(f"chargpt_kernels backend {name!r} is unavailable: {reason}")
     if name == "triton" and device_type == "cpu" and not triton_interpreted():
         raise BackendUnavailable(
-            "kernels backend 'triton' got a CPU tensor: Triton runs on CUDA tensors, or on CPU only with "
+            "chargpt_kernels backend 'triton' got a CPU tensor: Triton runs on CUDA tensors, or on CPU only with "
             "TRITON_INTERPRET=1 set before triton is imported")
     missing = _missing(name, op, device_type, dtype, needs)
     if missing is not None:
-        raise TypeError(f"kernels backend {name!r} {missing}")
+        raise TypeError(f"chargpt_kernels backend {name!r} {missing}")
     _IMPLS[name, op].load()
     return name
 

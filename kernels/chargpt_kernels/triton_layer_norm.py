@@ -17,8 +17,8 @@ Each program owns a contiguous group of rows: it writes their dh and its fp32 pa
 `program` of a (programs, N) buffer, which is summed afterwards - no atomics, no locks, deterministic. Long rows
 take two sweeps per row tile (the two row means, then dh and the partial sums).
 
-Dropout (spec in kernels.reference): element (i, j) of x is kept iff tl.rand(seed, i * N + j) >= p, the seed read
-from a tensor drawn from torch's generator once per call; the backward regenerates the mask, nothing stores it.
+Dropout (spec in chargpt_kernels.reference): element (i, j) of x is kept iff tl.rand(seed, i * N + j) >= p, the seed
+read from a tensor drawn from torch's generator once per call; the backward regenerates the mask, nothing stores it.
 """
 
 from typing import Optional
@@ -27,8 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.triton_compat import fix_interpreter_loop_bounds, refuse_double_backward, wrap_triton
+from chargpt_kernels import reference
+from chargpt_kernels.triton_compat import fix_interpreter_loop_bounds, refuse_double_backward, wrap_triton
 
 fix_interpreter_loop_bounds()
 
@@ -540,7 +540,7 @@ refuse_double_backward(add_norm_backward, "chargpt_triton::add_norm")
 refuse_double_backward(add_norm_dropout_backward, "chargpt_triton::add_norm")
 
 
-# --- backend entry points (see kernels.backends): inputs already validated by kernels.api -----------------------------
+# --- backend entry points (see chargpt_kernels.backends): inputs already validated by chargpt_kernels.api ------------
 
 def layer_norm(x, weight, bias, eps):
     """LayerNorm over the rows of x (M, N); weight, bias (N,) or None."""
@@ -557,7 +557,7 @@ def rms_norm(x, weight, eps):
 
 def add_norm(x, residual, weight, bias, eps, norm, dropout_p):
     """(y, h): h = residual + dropout(x), y = norm(h) ("layer" or "rms") over the rows of x, residual (M, N).
-    The dropout seed is the call's first random draw (kernels.reference.new_dropout_seed)."""
+    The dropout seed is the call's first random draw (chargpt_kernels.reference.new_dropout_seed)."""
     _check_rows("add_norm", x)
     if norm not in NORMS:
         raise ValueError(f"triton add_norm: norm must be one of {', '.join(map(repr, NORMS))}, got {norm!r}")

@@ -26,9 +26,9 @@ one new token against a KV cache), one program takes all of them, so K and V are
 are split over several programs to fill the GPU; each split writes its unnormalized output, row max and row sum,
 and a second kernel combines the splits into the output and lse the backward reads.
 
-Dropout (spec in kernels.reference): the keep-mask of entry (b, h, i, j) is tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j)
->= p, drawn from a seed tensor taken from torch's generator once per forward call and regenerated - never
-stored - in both backward kernels.
+Dropout (spec in chargpt_kernels.reference): the keep-mask of entry (b, h, i, j) is
+tl.rand(seed, ((b*H + h)*Tq + i)*Tk + j) >= p, drawn from a seed tensor taken from torch's generator once per forward
+call and regenerated - never stored - in both backward kernels.
 """
 
 from typing import Optional
@@ -37,9 +37,9 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels import reference
-from kernels.runtime import triton_interpreted
-from kernels.triton_compat import fix_interpreter_loop_bounds, refuse_double_backward, wrap_triton
+from chargpt_kernels import reference
+from chargpt_kernels.runtime import triton_interpreted
+from chargpt_kernels.triton_compat import fix_interpreter_loop_bounds, refuse_double_backward, wrap_triton
 
 fix_interpreter_loop_bounds()
 
@@ -824,7 +824,7 @@ refuse_double_backward(attention_backward, "chargpt_triton::attention")
 
 
 def attention(q, k, v, is_causal, dropout_p, scale, attn_mask=None):
-    """Backend entry point (see kernels.backends): q (B, H, Tq, D), k and v (B, H / GROUP, Tk, D), attn_mask None
-    or a (B, H, Tq, Tk) view, already validated."""
+    """Backend entry point (see chargpt_kernels.backends): q (B, H, Tq, D), k and v (B, H / GROUP, Tk, D), attn_mask
+    None or a (B, H, Tq, Tk) view, already validated."""
     seed = reference.new_dropout_seed(q.device) if dropout_p > 0.0 else None
     return attention_forward(q, k, v, seed, attn_mask, bool(is_causal), float(dropout_p), float(scale))[0]

@@ -1,12 +1,12 @@
 """The norm family on the `ext` backend (layer_norm, rms_norm, add_norm): the chargpt C++/CUDA ops (csrc/), with fake
 tensors for torch.compile. Autograd is registered in C++ (csrc/ops.cpp: a Python register_autograd cost more per
 call than a small kernel). add_norm's dropout draws one seed per call from torch's generator; the kernels regenerate
-the mask from it (Philox, kernels/reference.py) in the backward. Importing this module loads (or builds) the
-extension."""
+the mask from it (Philox, kernels/chargpt_kernels/reference.py) in the backward. Importing this module loads (or builds)
+the extension."""
 
 import torch
 
-from kernels import ext_build, reference
+from chargpt_kernels import ext_build, reference
 
 ext_build.require()
 
