@@ -55,7 +55,7 @@ _ATTENTION_RULES = (
      "query and key head counts that differ without enable_gqa are not fused",
      lambda q, k, v, p, s, g: f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree in H"
                               + (", or H of q be a multiple of k's" if g else " (or pass enable_gqa=True)")),
-    (lambda q, k, v, p, s, g: q.shape[-1] <= MAX_HEAD_DIM, f"head dims over {MAX_HEAD_DIM} are not fused",
+    (lambda q, k, v, p, s, g: 1 <= q.shape[-1] <= MAX_HEAD_DIM, f"head dims of 0 or over {MAX_HEAD_DIM} are not fused",
      lambda q, k, v, p, s, g: f"head dim D must be in [1, {MAX_HEAD_DIM}], got {q.shape[-1]}"),
     (lambda q, k, v, p, s, g: isinstance(p, (int, float)) and 0.0 <= p < 1.0,
      "dropout_p outside [0, 1) is not fused",
@@ -100,6 +100,18 @@ def _mask_refusal(mask, q, k):
 
 def _is_empty(*tensors):
     return any(t.numel() == 0 for t in tensors)
+
+
+def _empty_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa):
+    """sdpa of inputs with no elements, computed here: torch 2.11's CPU sdpa divides by zero at H = 0 (SIGFPE, the
+    process dies). torch still judges the call, on meta tensors (same errors, same output shape); the composed
+    reference then gives the empty or zero result (no keys: 0 rows), differentiably."""
+    meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t
+    _torch_sdpa(meta(query), meta(key), meta(value), attn_mask=meta(attn_mask), dropout_p=dropout_p,
+                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    if scale is None and query.shape[-1] == 0:
+        scale = 1.0  # no query features: every score is 0 whatever the scale (1/sqrt(0) would raise)
+    return reference.attention(query, key, value, bool(is_causal), dropout_p, scale, attn_mask)
 
 
 def _needs(mask, q, k):
@@ -209,8 +221,10 @@ def scaled_dot_product_attention(query: torch.Tensor, key: torch.Tensor, value: 
     if query.dim() < 2 or query.dim() != key.dim() or key.dim() != value.dim():
         _fall_back("inputs of different ranks are not fused")
         return torch_sdpa()
-    if _is_empty(query, key, value) or (attn_mask is not None and is_causal):
-        return torch_sdpa()  # torch defines the empty results, and refuses a mask with is_causal: nothing to fuse
+    if _is_empty(query, key, value):
+        return _empty_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+    if attn_mask is not None and is_causal:
+        return torch_sdpa()  # torch refuses a mask with is_causal: nothing to fuse
     lead = query.shape[:-3]
     if query.dim() != 4:
         if key.shape[:-3] != lead or value.shape[:-3] != lead:
