@@ -189,4 +189,5 @@ def test_kernels_work_without_the_extension(tmp_path, how):
     assert run.returncode != 0
     assert "'ext'" not in run.stdout.splitlines()[0] and "'eager'" in run.stdout, run.stdout
     last = run.stderr.strip().splitlines()[-1]
-    assert last.startswith("chargpt_kernels.runtime.BackendUnavailable: kernels backend 'ext' is unavailable"), last
+    assert last.startswith("chargpt_kernels.runtime.BackendUnavailable: chargpt_kernels backend 'ext' is "
+                           "unavailable"), last

@@ -5,12 +5,13 @@
 //             (fully masked) gives output 0 and lse +inf, so its backward is 0 too, as in torch's SDPA.
 //             Decoding (few queries, many keys): a GQA group's heads share a task, key tiles widen, too few
 //             tasks split their keys (flash-decoding), the splits' partial softmaxes combined at the end, and
-//             float32 tasks of up to 4 rows compute their products in loops that prefetch the KV cache.
+//             float32 tasks of up to 16 rows compute their scores (up to 4 rows their P V too) in loops that
+//             prefetch the KV cache.
 //   backward: one task per (batch, key/value head): for each key tile, each query head of its group and each
-//             visible query tile recomputes P = exp(S - lse), then dV += W^T dO, dS = P * (dP - delta),
-//             dK += dS^T Q, dQ += dS K, with delta = rowsum(dO * O). A kv head and its query group are owned by
-//             one task, so GQA's sum over the group and every other sum run in a fixed order (no atomics), and
-//             results do not depend on the thread count.
+//             visible query tile recomputes P = exp(S - lse) (S bit for bit the forward's: see dot_scores), then
+//             dV += W^T dO, dS = P * (dP - delta), dK += dS^T Q, dQ += dS K, with delta = rowsum(dO * O). A kv
+//             head and its query group are owned by one task, so GQA's sum over the group and every other sum run
+//             in a fixed order (no atomics), and results do not depend on the thread count.
 // GQA: query head h reads key/value head h / (Hq / Hk). attn_mask (bool or additive) is read through its strides
 // (a (B, 1, 1, Tk) padding mask broadcast to (B, Hq, Tq, Tk) has stride 0 on H and Tq) and applied to each score
 // tile before the softmax, in the forward and again in the backward.
@@ -118,12 +119,16 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, float alp
 constexpr int64_t kDotRows = 4;  // query rows a call takes at most
 constexpr int64_t kRowPrefetch = 24;  // rows ahead (6 KB at D = 64); 8 measured within noise of it
 
-// S (rows x bk, row-major, ld lds) = scale * Q K^T: per key, one vector per query row summing D in lanes, then the
-// lanes in simd::reduce_add's fixed tree.
+// S (rows x bk, row-major, ld lds) = scale * Q K^T: per key, one vector per query row summing D in lanes (the last
+// D % 16 through zero-padded vectors), then the lanes in simd::reduce_add's fixed tree. The tail once went through
+// a scalar loop of separate multiplies and adds in sequence: at D = 8 (all tail), with |S| ~ 100, 2-3x torch's error
+// in S, so in the outputs and gradients (torch's OpInfo samples).
 template <int kRows>
 void scores_few_rows(const float* k, int64_t ldk, const float* q, int64_t ldq, int64_t bk, int64_t D, float scale,
                      float* s, int64_t lds) {
-  const int64_t d_vec = D / kWidth * kWidth;
+  const int64_t d_vec = D / kWidth * kWidth, tail = D - d_vec;
+  vfloat q_tail[kRows];
+  for (int r = 0; r < kRows; ++r) q_tail[r] = simd::load_partial(q + r * ldq + d_vec, tail);
   for (int64_t j = 0; j < bk; ++j) {
     const float* kj = k + j * ldk;
     simd::prefetch(kj + kRowPrefetch * ldk);
@@ -132,11 +137,11 @@ void scores_few_rows(const float* k, int64_t ldk, const float* q, int64_t ldq, i
       const vfloat kv = simd::load(kj + d);
       for (int r = 0; r < kRows; ++r) acc[r] = simd::fma(kv, simd::load(q + r * ldq + d), acc[r]);
     }
-    for (int r = 0; r < kRows; ++r) {
-      float sum = simd::reduce_add(acc[r]);
-      for (int64_t d = d_vec; d < D; ++d) sum += kj[d] * q[r * ldq + d];
-      s[r * lds + j] = scale * sum;
+    if (tail > 0) {
+      const vfloat kv = simd::load_partial(kj + d_vec, tail);
+      for (int r = 0; r < kRows; ++r) acc[r] = simd::fma(kv, q_tail[r], acc[r]);
     }
+    for (int r = 0; r < kRows; ++r) s[r * lds + j] = scale * simd::reduce_add(acc[r]);
   }
 }
 
@@ -167,6 +172,32 @@ void with_rows(int64_t rows, F&& f) {
     case 3: return f(std::integral_constant<int, 3>{});
     default: return f(std::integral_constant<int, 4>{});
   }
+}
+
+// scores_few_rows for any number of rows (ld ldq), kDotRows at a time. A score is the same operations in the same
+// order whatever the row count, the chunk or the tile it falls in, so forward and backward agree on it bit for bit.
+inline void scores_dot(const float* k, int64_t ldk, const float* q, int64_t ldq, int64_t rows, int64_t bk, int64_t D,
+                       float scale, float* s, int64_t lds) {
+  for (int64_t r0 = 0; r0 < rows; r0 += kDotRows)
+    with_rows(std::min(kDotRows, rows - r0), [&](auto r) {
+      scores_few_rows<r>(k, ldk, q + r0 * ldq, ldq, bk, D, scale, s + r0 * lds, lds);
+    });
+}
+
+// The backward recomputes P = exp(S - lse) with the forward's lse, so its S must be the forward's to the last bit:
+// with |S| ~ 100 an ulp of S (~1e-5) is an error of ~1e-5 in the P ~ 1 that dominate dV, dQ and dK (torch's
+// OpInfo samples: 10x torch's own fp32 error when the forward took dot products and the backward BLAS, whose sums
+// run in another order). The plan below, by shape alone, is shared by both: the forward's query heads per task (a
+// kv head's whole group when its queries fit one tile: GQA decoding), its rows per task, and whether its scores are
+// dot products (float32 tasks of few rows, decoding) or BLAS products; BLAS's are then computed head by head with
+// the backward's tile shapes (a GEMM's rounding may depend on its shape).
+inline int64_t group_heads_per_task(int64_t group, int64_t Tq) {
+  return group > 1 && Tq > 0 && group * Tq <= kTileQ ? group : 1;
+}
+inline int64_t task_rows(int64_t group, int64_t Tq) { return group_heads_per_task(group, Tq) * std::min(Tq, kTileQ); }
+template <typename T>
+inline bool dot_scores(int64_t group, int64_t Tq) {
+  return std::is_same_v<T, float> && task_rows(group, Tq) <= kFewRows;
 }
 
 // An fp32 tile (or row) as an operand of a product with inputs of type T: itself for float, rounded into `buf`
@@ -320,21 +351,25 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
 
   // The work, decided by shape alone (so results never depend on the thread count):
   //  - a task is one head's tile of up to kTileQ queries, or, when a kv head's whole query group fits one tile
-  //    (GQA decoding), all the group's heads at once, so K and V are read once per group, not once per head;
+  //    (GQA decoding), all the group's heads at once, so K and V come from memory once per group, not per head;
   //  - a task of few rows (decoding) takes wide key tiles: fewer, longer products and fewer rescales;
   //  - too few tasks to fill the machine split their keys (flash-decoding): each split keeps its own (m, l, acc),
   //    combined below.
-  const int64_t heads_per_task = group > 1 && Tq > 0 && group * Tq <= kTileQ ? group : 1;
+  const int64_t heads_per_task = group_heads_per_task(group, Tq);
   const int64_t tile_q = heads_per_task > 1 ? Tq : kTileQ;
   const int64_t q_tiles = ceil_div(Tq, tile_q);
   const int64_t head_blocks = H / heads_per_task;
   const int64_t tasks = B * head_blocks * q_tiles;
-  const int64_t max_rows = heads_per_task * std::min(Tq, tile_q);
+  const int64_t max_rows = task_rows(group, Tq);
   const int64_t splits = tasks > 0 && tasks < kSplitBelow && Tk >= 2 * kMinSplitKeys
                              ? std::min({ceil_div(kSplitBelow, tasks), Tk / kMinSplitKeys, kMaxSplits})
                              : 1;
   const int64_t split_len = round_up(ceil_div(Tk, splits), kTileK);
   const int64_t key_tile = max_rows <= kFewRows ? std::clamp(split_len, kTileK, kWideTileK) : kTileK;
+  const bool by_dot = dot_scores<T>(group, Tq);
+  // A group's query rows side by side for one product (they share K): dot products, and bfloat16's wide key tiles,
+  // whose products the backward does not recompute bit for bit anyway (it rounds P to bfloat16).
+  const bool packed = heads_per_task > 1 && max_rows <= kFewRows;
   // Per (task, split) partial results when the keys are split: acc (rows x D), then m and l per row.
   const int64_t partial_size = max_rows * (D + 2);
   std::vector<float> partials(splits > 1 ? tasks * splits * partial_size : 0);
@@ -344,7 +379,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
     SingleThreadedBlas single;
     std::vector<float> s(max_rows * key_tile), z(key_tile), acc(max_rows * D), m(max_rows), l(max_rows), orow(D);
     std::vector<T> p_op(max_rows * key_tile);                        // P as a product operand (bfloat16 inputs)
-    std::vector<T> q_pack(heads_per_task > 1 ? max_rows * D : 0);  // a group's query rows, side by side
+    std::vector<T> q_pack(packed ? max_rows * D : 0);
     for (int64_t unit = begin; unit < end; ++unit) {
       const int64_t task = unit / splits, split = unit % splits;
       const int64_t b = task / q_tiles / head_blocks, h_first = task / q_tiles % head_blocks * heads_per_task;
@@ -352,7 +387,7 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
       const auto head_of = [&](int64_t r) { return h_first + r / bq; };  // row r is query i0 + r % bq of this head
       const T* qp = q.at_head(b, h_first) + i0 * q.st;
       int64_t ldq = q.st;
-      if (heads_per_task > 1) {
+      if (packed) {
         for (int64_t r = 0; r < rows; ++r) {
           const T* row = q.at_head(b, head_of(r)) + (i0 + r % bq) * q.st;
           std::copy(row, row + D, q_pack.data() + r * D);
@@ -376,14 +411,17 @@ std::tuple<at::Tensor, at::Tensor> attention_fwd(const at::Tensor& q_in, const a
             removed = mask.removes_tile(b, h_first + g, i0, bq, j0, bk);
           if (removed) continue;
         }
-        // S (rows x bk, row-major, ld key_tile) = scale * Q K^T, i.e. column-major S^T = K Q^T.
-        if (few_rows) {
+        // S (rows x bk, row-major, ld key_tile) = scale * Q K^T, i.e. column-major S^T = K Q^T, as the backward
+        // recomputes it (see dot_scores).
+        if (by_dot) {
           if constexpr (std::is_same_v<T, float>)
-            with_rows(rows, [&](auto r) {
-              scores_few_rows<r>(kp + j0 * k.st, k.st, qp, ldq, bk, D, scale, s.data(), key_tile);
-            });
-        } else {
+            scores_dot(kp + j0 * k.st, k.st, qp, ldq, rows, bk, D, scale, s.data(), key_tile);
+        } else if (packed) {
           gemm(true, false, bk, rows, D, scale, kp + j0 * k.st, k.st, qp, ldq, 0.f, s.data(), key_tile);
+        } else {
+          for (int64_t g = 0; g < heads_per_task; ++g)
+            gemm(true, false, bk, bq, D, scale, kp + j0 * k.st, k.st, q.at_head(b, h_first + g) + i0 * q.st, q.st,
+                 0.f, s.data() + g * bq * key_tile, key_tile);
         }
         for (int64_t r = 0; r < rows; ++r) {
           const int64_t h = head_of(r), i = i0 + r % bq;
@@ -506,6 +544,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
   float* dk_p = dk.mutable_data_ptr<float>();
   float* dv_p = dv.mutable_data_ptr<float>();
   const int64_t q_tiles = (Tq + kTileQ - 1) / kTileQ;
+  const bool by_dot = dot_scores<T>(group, Tq);
 
   at::parallel_for(0, B * Hk, parallel_grain(group * Tq * Tk * D), [&](int64_t begin, int64_t end) {
     SingleThreadedBlas single;
@@ -525,11 +564,17 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
         for (int64_t i = 0; i < Tq; ++i) {
           const float* dor = as_float(doh + i * dout.st, do_row.data(), D);
           const float* orow = as_float(oh + i * o.st, o_row.data(), D);
+          // Multiply-adds in lanes (fused where the CPU has FMA), the tail zero-padded, then a tree: dS = P (dP -
+          // delta) cancels where P ~ 1, so delta's rounding shows in dQ and dK; a scalar tail summed in sequence
+          // (all of D = 8) made dK 1.8x torch's error on the AVX2 path (torch's OpInfo samples).
           vfloat acc_v = simd::splat(0.f);
-          for (int64_t d = 0; d < dv_end; d += kWidth) acc_v += simd::load(dor + d) * simd::load(orow + d);
-          float sum = simd::reduce_add(acc_v);
-          for (int64_t d = dv_end; d < D; ++d) sum += dor[d] * orow[d];
-          delta[g * Tq + i] = sum;
+          for (int64_t d = 0; d < dv_end; d += kWidth)
+            acc_v = simd::fma(simd::load(dor + d), simd::load(orow + d), acc_v);
+          if (dv_end < D) {
+            const int64_t tail = D - dv_end;
+            acc_v = simd::fma(simd::load_partial(dor + dv_end, tail), simd::load_partial(orow + dv_end, tail), acc_v);
+          }
+          delta[g * Tq + i] = simd::reduce_add(acc_v);
         }
       }
       for (int64_t j0 = 0; j0 < Tk; j0 += kTileK) {
@@ -553,7 +598,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> attention_bwd(
             if (mask.present() && mask.removes_tile(b, h, i0, bq, j0, bk)) continue;
             const T* qi = qh + i0 * q.st;
             const T* doi = doh + i0 * dout.st;
-            gemm(true, false, bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);       // S
+            // S as the forward computed it (dot_scores): a causal forward tile ends at its last query's key.
+            const int64_t s_bk = is_causal ? std::min(bk, i0 + bq - j0) : bk;
+            if (by_dot) {
+              if constexpr (std::is_same_v<T, float>)
+                scores_dot(kj, k.st, qi, q.st, bq, s_bk, D, scale, p.data(), kTileK);
+            } else {
+              gemm(true, false, s_bk, bq, D, scale, kj, k.st, qi, q.st, 0.f, p.data(), kTileK);
+            }
             gemm(true, false, bk, bq, D, 1.f, vj, v.st, doi, dout.st, 0.f, ds.data(), kTileK);   // dP = dO V^T
             for (int64_t r = 0; r < bq; ++r) {
               const int64_t i = i0 + r;

@@ -28,6 +28,28 @@ inline vfloat load(const float* p) {
   return v;
 }
 inline void store(float* p, vfloat v) { std::memcpy(p, &v, sizeof v); }
+// p[0 .. n-1] (0 <= n <= 16) and zeros after, reading nothing past p + n (a row's last elements): masked loads where
+// the ISA has them (no fault past the mask), else lane by lane.
+inline vfloat load_partial(const float* p, int64_t n) {
+#if defined(__AVX512F__)
+  const __m512 r = _mm512_maskz_loadu_ps(static_cast<__mmask16>((1u << n) - 1), p);
+  vfloat v;
+  std::memcpy(&v, &r, sizeof v);
+  return v;
+#elif defined(__AVX2__)
+  const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+  const __m256 lo = _mm256_maskload_ps(p, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n)), lane));
+  const __m256 hi = _mm256_maskload_ps(p + 8, _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int>(n) - 8), lane));
+  vfloat v;
+  std::memcpy(&v, &lo, sizeof lo);
+  std::memcpy(reinterpret_cast<char*>(&v) + sizeof lo, &hi, sizeof hi);
+  return v;
+#else
+  vfloat v = {};
+  for (int64_t i = 0; i < n; ++i) v[i] = p[i];
+  return v;
+#endif
+}
 // Non-temporal store of a 64-byte-aligned vector: the line goes to memory without being read first (no
 // write-allocate) and without evicting the cache. Weakly ordered: call stream_fence() before others read it.
 inline void store_stream(float* p, vfloat v) {
