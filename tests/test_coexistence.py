@@ -12,6 +12,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 
 import pytest
 import torch
@@ -50,6 +51,15 @@ def _installed(distribution):
         return False
 
 
+def _chargpt_installed():
+    """Whether this interpreter imports chargpt and chargpt_kernels from anywhere: installed, not merely found
+    through pytest's path or an egg-info left in the checkout."""
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    probe = subprocess.run([sys.executable, "-c", "import chargpt, chargpt_kernels"], env=env,
+                           cwd=tempfile.gettempdir(), capture_output=True, timeout=300)
+    return probe.returncode == 0
+
+
 def _environment(how):
     """The environment of a fresh process: packages as installed, or the checkout on PYTHONPATH."""
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -58,7 +68,7 @@ def _environment(how):
         env["TRITON_INTERPRET"] = "1"  # so triton runs (on CPU tensors) beside ext
     if how == "pythonpath":
         env["PYTHONPATH"] = CHECKOUT_PATH
-    elif not _installed("chargpt"):
+    elif not _chargpt_installed():
         pytest.skip("chargpt is not installed here (pip install -e .): only the PYTHONPATH route can be checked")
     return env
 

@@ -107,8 +107,12 @@ def _empty_attention(query, key, value, attn_mask, dropout_p, is_causal, scale, 
     process dies). torch still judges the call, on meta tensors (same errors, same output shape); the composed
     reference then gives the empty or zero result (no keys: 0 rows), differentiably."""
     meta = lambda t: t.to("meta") if isinstance(t, torch.Tensor) else t
-    _torch_sdpa(meta(query), meta(key), meta(value), attn_mask=meta(attn_mask), dropout_p=dropout_p,
-                is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+    key_m, value_m = meta(key), meta(value)
+    hq, hk = (query.shape[-3], key.shape[-3]) if query.dim() >= 3 and key.dim() >= 3 else (1, 1)
+    if enable_gqa and 0 < hk != hq and hq % hk == 0:  # torch 2.8-2.11's meta sdpa does not broadcast GQA heads
+        key_m, value_m = key_m.repeat_interleave(hq // hk, -3), value_m.repeat_interleave(hq // hk, -3)
+    _torch_sdpa(meta(query), key_m, value_m, attn_mask=meta(attn_mask), dropout_p=dropout_p, is_causal=is_causal,
+                scale=scale, enable_gqa=enable_gqa)
     if scale is None and query.shape[-1] == 0:
         scale = 1.0  # no query features: every score is 0 whatever the scale (1/sqrt(0) would raise)
     return reference.attention(query, key, value, bool(is_causal), dropout_p, scale, attn_mask)

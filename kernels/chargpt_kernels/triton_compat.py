@@ -1,4 +1,4 @@
-"""What the Triton modules need to run on every supported torch/triton pair (torch >= 2.6, triton >= 3.2),
+"""What the Triton modules need to run on every supported torch/triton pair (torch >= 2.11, triton >= 3.6),
 kept apart from the kernels themselves."""
 
 import torch
