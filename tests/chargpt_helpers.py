@@ -31,6 +31,15 @@ def small_text():
     return "\n".join(lines)
 
 
+def cpu_flags():
+    """This CPU's feature flags (/proc/cpuinfo), empty where there is no such file: which -march builds can run here."""
+    try:
+        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+        return set(line.split(":", 1)[1].split())
+    except (OSError, StopIteration):
+        return set()
+
+
 def checkout_env(base=None, **extra):
     """os.environ (or `base`) with the checkout's packages first on PYTHONPATH, plus `extra`: for the fresh
     processes the tests start, which do not inherit pytest's sys.path."""

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from chargpt_helpers import REPO_ROOT, checkout_env
+from chargpt_helpers import REPO_ROOT, checkout_env, cpu_flags
 
 MARCHES = ("native", "x86-64-v3", "x86-64-v2")
 ALLOWED_RATIO = 2.0
@@ -144,14 +144,6 @@ def measure():
     return rows
 
 
-def _cpu_flags():
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        return set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 def run_build(march):
     """measure() in a fresh process whose ext is built for -march=march."""
     base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
@@ -197,7 +189,7 @@ def _skip_reason(march):
         return None
     if platform.machine() not in ("x86_64", "AMD64"):
         return "x86-64 targets"
-    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
+    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= cpu_flags():
         return "this CPU cannot run x86-64-v3 code"
     return None
 

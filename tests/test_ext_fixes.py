@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import chargpt_kernels
 from chargpt_kernels import reference
 
-from chargpt_helpers import checkout_env
+from chargpt_helpers import checkout_env, cpu_flags
 from conftest import assert_close, require_backend
 
 ext_attention = None
@@ -265,14 +265,6 @@ print(*glob.glob(os.environ["CHARGPT_EXT_DIR"] + "/*/chargpt_ext_cpu*.so"), sep=
 """
 
 
-def _cpu_flags():
-    try:
-        line = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
-        return set(line.split(":", 1)[1].split())
-    except (OSError, StopIteration):
-        return set()
-
-
 @pytest.mark.parametrize("march", ["x86-64-v2", "x86-64-v3"])
 def test_portable_builds_give_the_same_answers(march):
     """CHARGPT_EXT_MARCH builds the C++ kernels for a chosen target (an AVX2 laptop: x86-64-v3; SSE4.2 only:
@@ -281,7 +273,7 @@ def test_portable_builds_give_the_same_answers(march):
     One C++ build per target (~20-60 s, cached under <ext cache>/march-check for later runs)."""
     if platform.machine() not in ("x86_64", "AMD64"):
         pytest.skip("x86-64 targets")
-    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= _cpu_flags():
+    if march == "x86-64-v3" and not {"avx2", "fma", "bmi2"} <= cpu_flags():
         pytest.skip("this CPU cannot run x86-64-v3 code")
     base = os.environ.get("CHARGPT_EXT_DIR") or os.path.join(Path.home(), ".cache", "chargpt", "ext")
     env = checkout_env(CHARGPT_EXT_MARCH=march, CHARGPT_EXT_DIR=os.path.join(base, "march-check"))
